@@ -1,0 +1,290 @@
+"""A collection's storage: Arrow segments, deletion masks, the tantivy index, the manifest.
+
+One writer: every change reaches the collection through `apply`, serialized by a lock, and
+each call is one *refresh*: it writes a new segment for the upserted documents, masks the
+rows they replace or delete, updates the text index, persists all of it together with the
+ingest checkpoint that covers it, and only then publishes a new immutable `Snapshot`.
+Queries read whichever snapshot was published when they started, so they never see half a
+refresh, and a restart resumes from a checkpoint that matches the data on disk exactly.
+
+On disk (`directory/`): `manifest.json` (generation, segments, deletion-mask files, the
+checkpoint), `seg-N.arrow` (written once), `seg-N.del.G` (mask as of generation G), `text/`.
+The manifest is replaced atomically (write, fsync, rename); files it no longer names are
+removed after it is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import orjson
+import pyarrow as pa
+
+from .doctypes import build_columns, merge_types
+from .segment import HIDDEN_NAMES, SYSTEM_FIELDS, SYSTEM_NAMES, Segment, SegmentView, conform_batch, write_fsync
+from .textindex import TextIndex
+
+MANIFEST = "manifest.json"
+# Compaction: keep the segment count small so queries do not pay per segment, and rewrite
+# a segment once most of its rows are dead.
+MAX_SEGMENTS = 12
+TARGET_SEGMENTS = 4
+MAX_DEAD_FRACTION = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One item's new state: `doc` is None for a delete. Applied in order per `_id`."""
+
+    id: str
+    doc: dict[str, Any] | None
+    event_time_us: int
+    meta: dict[str, str | None]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one query reads: the published segment views and the schema they conform to."""
+
+    views: tuple[SegmentView, ...]
+    schema: pa.Schema  # every column including hidden ones
+    schema_version: int
+
+    @property
+    def query_schema(self) -> pa.Schema:
+        return pa.schema([f for f in self.schema if f.name not in HIDDEN_NAMES])
+
+    def batches(self) -> list[pa.RecordBatch]:
+        schema = self.query_schema
+        batches = [view.query_batch(schema, self.schema_version) for view in self.views if view.live_count]
+        return batches or [pa.RecordBatch.from_pylist([], schema=schema)]
+
+    @property
+    def doc_count(self) -> int:
+        return sum(view.live_count for view in self.views)
+
+
+class Collection:
+    """Storage of one collection. Create with `Collection.open`; write only via `apply`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock = asyncio.Lock()
+        self._text = TextIndex(directory / "text")
+        self._locations: dict[str, tuple[int, int]] = {}  # _id → (segment id, row)
+        self._deletes_file: dict[int, str] = {}  # segment id → its persisted deletion mask
+        self.last_refresh_at: float | None = None
+        self._load()
+
+    # ------------------------------------------------------------------ reading
+
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def doc_count(self) -> int:
+        return len(self._locations)
+
+    @property
+    def total_size(self) -> int:
+        return sum(view.segment.batch.nbytes for view in self._snapshot.views)
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, directory: Path) -> "Collection":
+        """Load the last committed state (an empty collection if there is none)."""
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return cls(directory)
+
+    def _load(self) -> None:
+        self._locations.clear()
+        self._deletes_file.clear()
+        self._generation = self._next_rowid = self._next_seg_id = 0
+        self.checkpoint = None
+        self._snapshot = Snapshot((), SYSTEM_FIELDS, 0)
+        path = self.directory / MANIFEST
+        if not path.exists():
+            self._text.clear()
+            self._text.commit(0)
+            return
+        manifest = orjson.loads(path.read_bytes())
+        views = []
+        for entry in manifest["segments"]:
+            segment = Segment.read(self.directory, entry["id"])
+            deleted = None
+            if entry["deletes"]:
+                self._deletes_file[entry["id"]] = entry["deletes"]
+                data = (self.directory / entry["deletes"]).read_bytes()
+                deleted = SegmentView.deleted_from_bytes(data, segment.rows)
+            views.append(SegmentView(segment, deleted))
+        self._generation = manifest["generation"]
+        self._next_rowid = manifest["next_rowid"]
+        self._next_seg_id = manifest["next_seg_id"]
+        self.checkpoint = manifest["checkpoint"]
+        schema = SYSTEM_FIELDS
+        for view in views:
+            schema = _merged_schema(schema, view.segment.batch.schema)
+            ids = view.segment.batch.column("_id").to_pylist()
+            deleted = view.deleted
+            seg_id = view.segment.seg_id
+            for row, doc_id in enumerate(ids):
+                if deleted is None or not deleted[row]:
+                    self._locations[doc_id] = (seg_id, row)
+        self._snapshot = Snapshot(tuple(views), schema, 1)
+        if self._text.generation() != self._generation:
+            self._rebuild_text_index()
+        self._remove_unreferenced_files()
+
+    def _rebuild_text_index(self) -> None:
+        """The index is derived data: after a crash between its commit and the manifest's, rebuild it."""
+        self._text.clear()
+        for view in self._snapshot.views:
+            batch = view.live_batch()
+            self._text.update((), zip(batch.column("_id").to_pylist(), batch.column("_rowid").to_pylist()))
+        self._text.commit(self._generation)
+
+    async def close(self) -> None:
+        """Wait for a refresh in progress, then release the index. The collection is unusable after."""
+        async with self._lock:
+            self._text.close()
+
+    # ------------------------------------------------------------------ writing
+
+    async def apply(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None) -> None:
+        """Apply `changes` in order and persist them with `checkpoint`, then publish."""
+        async with self._lock:
+            await asyncio.to_thread(self._apply, changes, checkpoint)
+
+    def _apply(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None) -> None:
+        try:
+            self._refresh(changes, checkpoint)
+        except BaseException:
+            # Memory may be ahead of the disk now: go back to the last committed state.
+            self._load()
+            raise
+
+    def _refresh(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None) -> None:
+        latest: dict[str, Change] = {}
+        for change in changes:
+            latest[change.id] = change
+        dead_rows: dict[int, list[int]] = {}
+        replaced: list[str] = []
+        for doc_id in latest:
+            location = self._locations.pop(doc_id, None)
+            if location is not None:
+                dead_rows.setdefault(location[0], []).append(location[1])
+                replaced.append(doc_id)
+        views = [
+            view.with_deleted(dead_rows[view.segment.seg_id]) if view.segment.seg_id in dead_rows else view
+            for view in self._snapshot.views
+        ]
+        schema, version = self._snapshot.schema, self._snapshot.schema_version
+        upserts = [change for change in latest.values() if change.doc is not None]
+        added: list[tuple[str, int]] = []
+        if upserts:
+            segment = self._build_segment(upserts)
+            views.append(SegmentView(segment))
+            added = list(zip(segment.batch.column("_id").to_pylist(), segment.batch.column("_rowid").to_pylist()))
+            merged = _merged_schema(schema, segment.batch.schema)
+            if merged != schema:
+                schema, version = merged, version + 1
+        self._text.update(replaced, added)
+        self._commit(self._compact(Snapshot(tuple(views), schema, version)), checkpoint)
+
+    def _build_segment(self, upserts: list[Change]) -> Segment:
+        seg_id, first_rowid = self._next_seg_id, self._next_rowid
+        self._next_seg_id += 1
+        self._next_rowid += len(upserts)
+        system = {
+            "_id": pa.array([c.id for c in upserts], pa.string()),
+            "_event_time": pa.array([c.event_time_us for c in upserts], pa.timestamp("us", tz="UTC")),
+            "_meta": pa.array([c.meta for c in upserts], SYSTEM_FIELDS.field("_meta").type),
+            "_rowid": pa.array(range(first_rowid, first_rowid + len(upserts)), pa.int64()),
+        }
+        # An attribute named like a system column is kept as `_item<name>` (`_id` → `_item_id`).
+        docs = [{(f"_item{k}" if k in SYSTEM_NAMES else k): v for k, v in c.doc.items()} for c in upserts]
+        batch = pa.RecordBatch.from_pydict({**system, **build_columns(docs)})
+        for row, change in enumerate(upserts):
+            self._locations[change.id] = (seg_id, row)
+        return Segment(seg_id, batch)
+
+    def _compact(self, snapshot: Snapshot) -> Snapshot:
+        """Drop dead segments; merge small ones when there are too many; rewrite mostly-dead ones."""
+        views = [view for view in snapshot.views if view.live_count]
+        if len(views) > MAX_SEGMENTS:
+            picks = sorted(views, key=lambda view: view.live_count)[: len(views) - TARGET_SEGMENTS + 1]
+        else:
+            picks = [view for view in views if view.live_count < view.segment.rows * (1 - MAX_DEAD_FRACTION)]
+        if not picks:
+            return Snapshot(tuple(views), snapshot.schema, snapshot.schema_version)
+        merged = pa.concat_batches([conform_batch(view.live_batch(), snapshot.schema) for view in picks])
+        segment = Segment(self._next_seg_id, merged)
+        self._next_seg_id += 1
+        for row, doc_id in enumerate(merged.column("_id").to_pylist()):
+            self._locations[doc_id] = (segment.seg_id, row)
+        kept = [view for view in views if not any(view is pick for pick in picks)]
+        return Snapshot((*kept, SegmentView(segment)), snapshot.schema, snapshot.schema_version)
+
+    def _commit(self, snapshot: Snapshot, checkpoint: dict[str, Any] | None) -> None:
+        generation = self._generation + 1
+        previous = {id(view) for view in self._snapshot.views}
+        entries = []
+        for view in snapshot.views:
+            seg_id = view.segment.seg_id
+            if id(view) not in previous:
+                if not (self.directory / Segment.file_name(seg_id)).exists():
+                    view.segment.write(self.directory)
+                if view.deleted is not None:
+                    self._deletes_file[seg_id] = f"seg-{seg_id:08d}.del.{generation}"
+                    write_fsync(self.directory / self._deletes_file[seg_id], view.deleted_bytes())
+            entries.append({"id": seg_id, "rows": view.segment.rows, "deletes": self._deletes_file.get(seg_id)})
+        if checkpoint is not None:
+            self.checkpoint = checkpoint
+        self._text.commit(generation)
+        manifest = {
+            "generation": generation,
+            "next_rowid": self._next_rowid,
+            "next_seg_id": self._next_seg_id,
+            "segments": entries,
+            "checkpoint": self.checkpoint,
+        }
+        tmp = self.directory / (MANIFEST + ".tmp")
+        write_fsync(tmp, orjson.dumps(manifest))
+        os.replace(tmp, self.directory / MANIFEST)
+        _fsync_directory(self.directory)
+        self._generation = generation
+        self._snapshot = snapshot
+        self.last_refresh_at = time.time()
+        self._remove_unreferenced_files()
+
+    def _remove_unreferenced_files(self) -> None:
+        referenced = {Segment.file_name(view.segment.seg_id) for view in self._snapshot.views}
+        referenced.update(name for seg_id, name in self._deletes_file.items())
+        for path in self.directory.glob("seg-*"):
+            if path.name not in referenced:
+                path.unlink(missing_ok=True)  # open snapshots keep reading it through their memory map
+        live = {view.segment.seg_id for view in self._snapshot.views}
+        for seg_id in [s for s in self._deletes_file if s not in live]:
+            del self._deletes_file[seg_id]
+
+
+def _merged_schema(schema: pa.Schema, batch_schema: pa.Schema) -> pa.Schema:
+    """The collection schema widened by what `batch_schema` brings (system columns stay first)."""
+    fields = {f.name: f.type for f in schema}
+    for f in batch_schema:
+        fields[f.name] = merge_types(fields[f.name], f.type) if f.name in fields else f.type
+    return pa.schema([SYSTEM_FIELDS.field(n) if n in SYSTEM_NAMES else pa.field(n, t) for n, t in fields.items()])
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

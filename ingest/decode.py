@@ -1,0 +1,105 @@
+"""DynamoDB JSON → plain Python values, and item keys → document `_id`.
+
+DynamoDB tags every value with its type (`{"N": "5"}`). Shoal stores plain values whose
+Python type *is* the document type, so the index layer can type columns per value:
+
+| DynamoDB | Python            | Shoal type |
+|----------|-------------------|------------|
+| S        | str               | string     |
+| N        | int / float / Decimal (rule below) | int / float / decimal |
+| B        | bytes             | binary     |
+| BOOL     | bool              | bool       |
+| NULL     | None              | null       |
+| M        | dict              | object     |
+| L        | list              | array      |
+| SS/NS/BS | list of str / numbers / bytes | array |
+
+Number rule (no silent loss): an integral value within int64 is an `int`; otherwise a
+`float` when the shortest float64 text equals the number exactly (e.g. `1.5`, `0.1`);
+otherwise the exact `Decimal` (e.g. 38-digit values), which is stored as its decimal text.
+"""
+
+from __future__ import annotations
+
+import base64
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable, Mapping
+
+import orjson
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+def decode_number(text: str) -> int | float | Decimal:
+    """Decode an `N` value by the number rule in the module docstring."""
+    try:
+        value = int(text)
+    except ValueError:
+        pass
+    else:
+        if INT64_MIN <= value <= INT64_MAX:
+            return value
+        return _float_or_decimal(Decimal(value))
+    try:
+        exact = Decimal(text)
+    except InvalidOperation as exc:
+        raise ValueError(f"not a DynamoDB number: {text!r}") from exc
+    if exact == exact.to_integral_value() and INT64_MIN <= exact <= INT64_MAX:
+        return int(exact)
+    return _float_or_decimal(exact)
+
+
+def _float_or_decimal(exact: Decimal) -> float | Decimal:
+    as_float = float(exact)
+    if Decimal(repr(as_float)) == exact:
+        return as_float
+    return exact
+
+
+def _binary(value: bytes | str) -> bytes:
+    # botocore hands us bytes; export files and Kinesis records carry base64 text.
+    return base64.b64decode(value) if isinstance(value, str) else bytes(value)
+
+
+def decode_value(typed: Mapping[str, Any]) -> Any:
+    """Decode one typed DynamoDB value (`{"S": "x"}`) to its plain Python value."""
+    ((tag, raw),) = typed.items()
+    return _DECODERS[tag](raw)
+
+
+def decode_item(item: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Decode a whole item (attribute name → typed value)."""
+    return {name: decode_value(typed) for name, typed in item.items()}
+
+
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "S": str,
+    "N": decode_number,
+    "B": _binary,
+    "BOOL": bool,
+    "NULL": lambda _: None,
+    "M": decode_item,
+    "L": lambda values: [decode_value(v) for v in values],
+    "SS": list,
+    "NS": lambda values: [decode_number(v) for v in values],
+    "BS": lambda values: [_binary(v) for v in values],
+}
+
+
+def _key_text(typed: Mapping[str, Any]) -> str:
+    ((tag, raw),) = typed.items()
+    if tag == "B":
+        return base64.b64encode(_binary(raw)).decode("ascii")
+    return str(raw)
+
+
+def document_id(keys: Mapping[str, Mapping[str, Any]], key_names: tuple[str, ...]) -> str:
+    """The `_id` of an item: its partition key text, or a JSON array of partition and sort key.
+
+    Stable (the same item always maps to the same `_id`) and unambiguous: a key attribute has
+    one type, and the composite form is JSON, so no separator can collide with key text.
+    """
+    if len(key_names) == 1:
+        return _key_text(keys[key_names[0]])
+    return orjson.dumps([_key_text(keys[name]) for name in key_names]).decode()

@@ -1,0 +1,196 @@
+"""From the text a user sent to SQL that DataFusion runs: validation, parameters, rewrites.
+
+sqlglot parses the query once (PostgreSQL dialect, the closest to DataFusion's) so that we
+can refuse anything but a single read-only query before DataFusion sees it, find the
+collections it reads (`workspace.collection`; a bare name means workspace `commons`),
+bind `:name` parameters as typed literals (never by pasting text), and rewrite `typeof(x)`
+into per-value type names, which needs the collection schemas. Unchanged queries reach
+DataFusion as the user wrote them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError
+
+from shoal.index.doctypes import type_name
+
+DEFAULT_WORKSPACE = "commons"
+_DIALECT = "postgres"
+
+
+class QueryError(Exception):
+    """A mistake in the query; `line`/`column` locate it when known (1-based)."""
+
+    def __init__(self, message: str, line: int | None = None, column: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+        self.column = column
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    sql: str
+    collections: tuple[tuple[str, str], ...]  # (workspace, collection) in first-seen order
+
+
+SchemaLookup = Callable[[str, str], pa.Schema | None]
+
+
+def prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLookup) -> PreparedQuery:
+    """Validate `query`, bind `parameters`, rewrite what DataFusion cannot say itself."""
+    tree = _parse_single_query(query)
+    collections = _collections(tree)
+    for workspace, name in collections:
+        if schema_of(workspace, name) is None:
+            raise QueryError(f"collection '{workspace}.{name}' does not exist")
+    changed = _bind_parameters(tree, parameters)
+    changed |= _rewrite_typeof(tree, collections, schema_of)
+    sql = tree.sql(dialect=_DIALECT, normalize_functions=False) if changed else query
+    return PreparedQuery(sql, tuple(collections))
+
+
+def _parse_single_query(query: str) -> exp.Expression:
+    if not query.strip():
+        raise QueryError("query is empty")
+    try:
+        statements = [s for s in sqlglot.parse(query, read=_DIALECT) if s is not None]
+    except ParseError as error:
+        first = error.errors[0] if error.errors else {}
+        raise QueryError(
+            f"syntax error: {first.get('description', str(error))} near '{first.get('highlight', '')}'",
+            first.get("line"),
+            first.get("col"),
+        ) from None
+    if len(statements) != 1:
+        raise QueryError("send exactly one statement")
+    tree = statements[0]
+    if not isinstance(tree, exp.Query):
+        raise QueryError(f"only queries are allowed, not {tree.key.upper()} statements")
+    for node in tree.walk():
+        if isinstance(node, (exp.DDL, exp.DML, exp.Command, exp.Set, exp.Into)):
+            raise QueryError(f"only queries are allowed, found {node.key.upper()}")
+    return tree
+
+
+def _collections(tree: exp.Expression) -> list[tuple[str, str]]:
+    cte_names = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
+    found: dict[tuple[str, str], None] = {}
+    for table in tree.find_all(exp.Table):
+        if not table.name:
+            continue  # a table function or subquery source
+        if table.catalog:
+            raise QueryError(f"unknown catalog '{table.catalog}': name collections as workspace.collection")
+        if not table.db and table.name in cte_names:
+            continue
+        found[(table.db or DEFAULT_WORKSPACE, table.name)] = None
+    return list(found)
+
+
+_PARAMETER_TYPES: dict[str, Callable[[Any], exp.Expression]] = {
+    "int": lambda v: exp.Literal.number(int(v)),
+    "float": lambda v: exp.Literal.number(repr(float(v))),
+    "string": lambda v: exp.Literal.string(str(v)),
+    "bool": lambda v: exp.Boolean(this=_parse_bool(v)),
+}
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise ValueError(f"not a bool: {value!r}")
+    return text == "true"
+
+
+def _bind_parameters(tree: exp.Expression, parameters: list[dict[str, Any]]) -> bool:
+    values: dict[str, exp.Expression] = {}
+    for parameter in parameters:
+        name, type_, value = parameter.get("name"), parameter.get("type"), parameter.get("value")
+        if not isinstance(name, str) or type_ not in _PARAMETER_TYPES:
+            raise QueryError(
+                f"each parameter needs a name and a type among {', '.join(_PARAMETER_TYPES)}: {parameter!r}"
+            )
+        try:
+            values[name] = _PARAMETER_TYPES[type_](value)
+        except (TypeError, ValueError):
+            raise QueryError(f"parameter '{name}': {value!r} is not a valid {type_}") from None
+    placeholders = list(tree.find_all(exp.Placeholder))
+    for placeholder in placeholders:
+        if placeholder.name not in values:
+            raise QueryError(f"parameter ':{placeholder.name}' has no value in sql.parameters")
+        placeholder.replace(values[placeholder.name].copy())
+    return bool(placeholders)
+
+
+def _rewrite_typeof(tree: exp.Expression, collections: list[tuple[str, str]], schema_of: SchemaLookup) -> bool:
+    """`typeof(x)` → the type name of each value: `union_tag(x)` for mixed fields, else a constant."""
+    calls = list(tree.find_all(exp.Typeof))
+    for call in calls:
+        argument = call.this
+        if not isinstance(argument, (exp.Column, exp.Dot, exp.Bracket)):
+            raise QueryError("typeof takes one field, e.g. typeof(price) or typeof(address.city)")
+        arrow_type = _field_type(argument, collections, schema_of)
+        if arrow_type is None:
+            raise QueryError(f"typeof: no field {argument.sql(dialect=_DIALECT)} in {', '.join('.'.join(c) for c in collections)}")
+        if pa.types.is_union(arrow_type):
+            tag = exp.Anonymous(this="union_tag", expressions=[argument.copy()])
+            per_value: exp.Expression = exp.Cast(this=tag, to=exp.DataType.build("VARCHAR"))
+        elif pa.types.is_timestamp(arrow_type):
+            per_value = exp.Literal.string("timestamp")
+        else:
+            per_value = exp.Literal.string(type_name(arrow_type))
+        rewritten: exp.Expression = exp.Case(
+            ifs=[exp.If(this=exp.Is(this=argument.copy(), expression=exp.Null()), true=exp.Literal.string("null"))],
+            default=per_value,
+        )
+        if isinstance(call.parent, exp.Select):  # an unnamed output column keeps a readable name
+            rewritten = exp.alias_(rewritten, "typeof")
+        call.replace(rewritten)
+    return bool(calls)
+
+
+def _field_type(node: exp.Expression, collections: list[tuple[str, str]], schema_of: SchemaLookup) -> pa.DataType | None:
+    """Resolve `a`, `t.a`, `a.b.c`, `a['b']` against the collections' schemas."""
+    path = _path(node)
+    if path is None:
+        return None
+    for workspace, name in collections:
+        schema = schema_of(workspace, name)
+        if schema is None:
+            continue
+        # A leading qualifier may be the table name or an alias; try with and without it.
+        for candidate in (path, path[1:]):
+            arrow_type = _walk(schema, candidate)
+            if arrow_type is not None:
+                return arrow_type
+    return None
+
+
+def _path(node: exp.Expression) -> list[str] | None:
+    if isinstance(node, exp.Column):
+        return [part.name for part in node.parts]
+    if isinstance(node, exp.Dot):
+        left = _path(node.this)
+        return None if left is None else left + [node.expression.name]
+    if isinstance(node, exp.Bracket) and len(node.expressions) == 1 and node.expressions[0].is_string:
+        left = _path(node.this)
+        return None if left is None else left + [node.expressions[0].name]
+    return None
+
+
+def _walk(schema: pa.Schema, path: list[str]) -> pa.DataType | None:
+    if not path or path[0] not in schema.names:
+        return None
+    arrow_type = schema.field(path[0]).type
+    for part in path[1:]:
+        if not pa.types.is_struct(arrow_type) or arrow_type.get_field_index(part) < 0:
+            return None
+        arrow_type = arrow_type.field(part).type
+    return arrow_type
