@@ -159,7 +159,13 @@ class Collection:
     async def apply(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None) -> None:
         """Apply `changes` in order and persist them with `checkpoint`, then publish."""
         async with self._lock:
-            await asyncio.to_thread(self._apply, changes, checkpoint)
+            refresh = asyncio.ensure_future(asyncio.to_thread(self._apply, changes, checkpoint))
+            try:
+                await asyncio.shield(refresh)
+            except asyncio.CancelledError:
+                # A started refresh runs to its end: the lock must outlive the worker thread.
+                await refresh
+                raise
 
     def _apply(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None) -> None:
         try:

@@ -106,7 +106,9 @@ def infer_type(values: Sequence[Any]) -> pa.DataType:
     python_types.discard(NoneType)
     members: dict[str, pa.DataType] = {}
     for python_type in python_types:
-        name = TYPE_OF_PYTHON[python_type]
+        name = TYPE_OF_PYTHON.get(python_type)
+        if name is None:
+            raise TypeError(f"not a document value: {python_type.__name__}")
         if name == "object":
             members[name] = _infer_struct([v for v in values if type(v) is dict])
         elif name == "array":

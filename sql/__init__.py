@@ -1,1 +1,1 @@
-"""placeholder"""
+"""The SQL front: validation, parameters and rewrites (sqlglot), execution on DataFusion."""

@@ -1,0 +1,88 @@
+"""Collection storage on real files: refreshes, deletes, compaction, reopening, snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shoal.index.collection import Change, Collection, MAX_SEGMENTS
+
+META = {"table": "t", "event": "INSERT", "sequence_number": None}
+
+
+def upsert(doc_id: str, **doc) -> Change:
+    return Change(doc_id, doc, 1_700_000_000_000_000, META)
+
+
+def delete(doc_id: str) -> Change:
+    return Change(doc_id, None, 1_700_000_000_000_000, META)
+
+
+def rows(collection: Collection) -> dict[str, dict]:
+    result = {}
+    for batch in collection.snapshot().batches():
+        for row in batch.to_pylist():
+            assert row["_id"] not in result, f"{row['_id']} is visible twice"
+            result[row["_id"]] = {k: v for k, v in row.items() if not k.startswith("_") and v is not None}
+    return result
+
+
+async def test_updates_and_deletes_by_id(tmp_path):
+    collection = Collection.open(tmp_path)
+    await collection.apply([upsert("a", x=1), upsert("b", x=2), upsert("a", x=3)], {"pos": 1})
+    await collection.apply([delete("b"), upsert("c", x="text")], {"pos": 2})
+    assert rows(collection) == {"a": {"x": 3}, "c": {"x": "text"}}
+    assert collection.doc_count == 2
+    await collection.close()
+
+
+async def test_a_snapshot_does_not_change_under_a_reader(tmp_path):
+    collection = Collection.open(tmp_path)
+    await collection.apply([upsert("a", x=1)], None)
+    before = collection.snapshot()
+    await collection.apply([upsert("a", x=2), upsert("b", x=3)], None)
+    assert [r["x"] for b in before.batches() for r in b.to_pylist()] == [1]
+    assert rows(collection) == {"a": {"x": 2}, "b": {"x": 3}}
+    await collection.close()
+
+
+async def test_reopen_restores_documents_checkpoint_and_text_index(tmp_path):
+    collection = Collection.open(tmp_path)
+    for i in range(MAX_SEGMENTS + 5):  # enough refreshes to compact
+        await collection.apply([upsert(f"d{j}", i=i, j=j) for j in range(i, i + 10)], {"round": i})
+    await collection.apply([delete("d3")], None)
+    expected = rows(collection)
+    assert len(collection.snapshot().views) <= MAX_SEGMENTS
+    await collection.close()
+
+    reopened = Collection.open(tmp_path)
+    assert rows(reopened) == expected
+    assert reopened.checkpoint == {"round": MAX_SEGMENTS + 4}
+    assert reopened._text.num_docs() == len(expected)
+    await reopened.close()
+
+
+async def test_a_failed_refresh_leaves_the_last_committed_state(tmp_path):
+    collection = Collection.open(tmp_path)
+    await collection.apply([upsert("a", x=1)], {"pos": 1})
+    with pytest.raises(TypeError):
+        await collection.apply([upsert("b", x=object())], {"pos": 2})  # not a document value
+    assert rows(collection) == {"a": {"x": 1}}
+    assert collection.checkpoint == {"pos": 1}
+    await collection.apply([upsert("b", x=2)], {"pos": 2})
+    assert rows(collection) == {"a": {"x": 1}, "b": {"x": 2}}
+    await collection.close()
+
+
+async def test_cancelling_a_writer_lets_its_refresh_finish(tmp_path):
+    collection = Collection.open(tmp_path)
+    task = asyncio.create_task(collection.apply([upsert(f"d{i}", i=i) for i in range(5000)], {"pos": 1}))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await collection.close()  # must not race the refresh thread
+    reopened = Collection.open(tmp_path)
+    assert reopened.doc_count in (0, 5000)  # all or nothing
+    await reopened.close()
