@@ -47,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--data-dir", default="./shoal-data")
     serve.add_argument("--api-key", help="accept this API key (default: $SHOAL_API_KEY, else one generated on first start)")
     serve.set_defaults(run=_serve)
-    demo = commands.add_parser("demo", help="run Shoal on a local DynamoDB endpoint with a sample table", add_help=False)
-    demo.set_defaults(run=lambda args: _demo(args.rest))
-    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    # `shoal demo` parses its own options (see server/demo.py).
+    commands.add_parser("demo", help="run Shoal on a local DynamoDB endpoint with a sample table", add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        return _demo(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return args.run(args)

@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.update(AWS_ENV)
     os.environ.pop("AWS_SESSION_TOKEN", None)
-    # werkzeug would log every DynamoDB request moto serves.
+    # werkzeug would log every DynamoDB request moto serves, botocore where it found credentials.
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    logging.getLogger("botocore").setLevel(logging.WARNING)
 
     # SIGTERM and a closed terminal stop the demo the same clean way as Ctrl+C.
     previous = {sig: signal.signal(sig, signal.default_int_handler)

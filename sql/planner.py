@@ -50,9 +50,31 @@ def prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLooku
         if schema_of(workspace, name) is None:
             raise QueryError(f"collection '{workspace}.{name}' does not exist")
     changed = _bind_parameters(tree, parameters)
+    names = _output_names(tree)
     changed |= _rewrite_typeof(tree, collections, schema_of)
+    changed |= _rewrite_mixed_numbers(tree, collections, schema_of)
+    _keep_output_names(tree, names)
     sql = tree.sql(dialect=_DIALECT, normalize_functions=False) if changed else query
     return PreparedQuery(sql, tuple(collections))
+
+
+def _output_names(tree: exp.Expression) -> dict[int, str]:
+    """The text of each unnamed output column, before rewrites change it."""
+    return {
+        id(column): column.sql(dialect=_DIALECT)
+        for select in tree.find_all(exp.Select)
+        for column in select.expressions
+        if not isinstance(column, (exp.Alias, exp.Star, exp.Column))
+    }
+
+
+def _keep_output_names(tree: exp.Expression, names: dict[int, str]) -> None:
+    """Name a rewritten output column as the user wrote it (`SUM(amount)`), not as rewritten."""
+    for select in tree.find_all(exp.Select):
+        for column in select.expressions:
+            original = names.get(id(column))
+            if original is not None and column.sql(dialect=_DIALECT) != original:
+                column.replace(exp.alias_(column.copy(), original, quoted=True))
 
 
 def _parse_single_query(query: str) -> exp.Expression:
@@ -154,6 +176,36 @@ def _rewrite_typeof(tree: exp.Expression, collections: list[tuple[str, str]], sc
             rewritten = exp.alias_(rewritten, "typeof")
         call.replace(rewritten)
     return bool(calls)
+
+
+# Where a field of mixed types is used as a number; DataFusion cannot do arithmetic on unions.
+_NUMERIC_CONTEXTS = (exp.Sum, exp.Avg, exp.Min, exp.Max, exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Mod, exp.Abs, exp.Round)
+
+
+def _rewrite_mixed_numbers(tree: exp.Expression, collections: list[tuple[str, str]], schema_of: SchemaLookup) -> bool:
+    """In numeric contexts, a mixed field reads as its numbers: ints and floats as float, others NULL."""
+    changed = False
+    for node in list(tree.find_all(exp.Column, exp.Dot, exp.Bracket)):
+        if not isinstance(node.parent, _NUMERIC_CONTEXTS):
+            continue
+        arrow_type = _field_type(node, collections, schema_of)
+        if arrow_type is None or not pa.types.is_union(arrow_type):
+            continue
+        members = {f.name for f in arrow_type}
+        parts = [
+            exp.Anonymous(this="union_extract", expressions=[node.copy(), exp.Literal.string(name)])
+            for name in ("int", "float")
+            if name in members
+        ]
+        if not parts:
+            continue
+        if len(parts) == 2:
+            parts[0] = exp.Cast(this=parts[0], to=exp.DataType.build("DOUBLE"))
+            node.replace(exp.Coalesce(this=parts[0], expressions=[parts[1]]))
+        else:
+            node.replace(parts[0])
+        changed = True
+    return changed
 
 
 def _field_type(node: exp.Expression, collections: list[tuple[str, str]], schema_of: SchemaLookup) -> pa.DataType | None:

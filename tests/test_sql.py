@@ -1,0 +1,101 @@
+"""SQL over a real collection: read-only refusals, parameters, dynamic types, mixed numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal.index.collection import Change, Collection
+from shoal.sql.engine import execute
+from shoal.sql.planner import QueryError, prepare
+
+META = {"table": "t", "event": "INSERT", "sequence_number": None}
+
+
+@pytest.fixture
+async def run(tmp_path):
+    collection = Collection.open(tmp_path)
+    docs = [
+        {"amount": 10, "mixed": 10, "city": {"name": "Oslo"}, "tag": "a"},
+        {"amount": 2.5, "mixed": "10", "city": {"name": "Rome"}, "tag": "b"},
+        {"amount": 7, "mixed": True, "city": {"name": "Oslo"}, "tag": "a"},
+        {"amount": "n/a", "tag": "c"},
+    ]
+    await collection.apply([Change(f"d{i}", doc, 0, META) for i, doc in enumerate(docs)], None)
+
+    def query(sql: str, parameters: list | None = None) -> list[dict]:
+        known = {("commons", "orders"): collection}
+
+        def schema_of(ws, name):
+            return known[(ws, name)].snapshot().query_schema if (ws, name) in known else None
+
+        def snapshot_of(ws, name):
+            return known[(ws, name)].snapshot() if (ws, name) in known else None
+
+        return execute(prepare(sql, parameters or [], schema_of), snapshot_of, 1000, 10).table.to_pylist()
+
+    yield query
+    await collection.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DROP TABLE commons.orders",
+        "INSERT INTO commons.orders VALUES (1)",
+        "DELETE FROM commons.orders",
+        "CREATE TABLE x AS SELECT 1",
+        "SET datafusion.execution.batch_size = 1",
+        "COPY (SELECT 1) TO '/tmp/out.csv'",
+        "SELECT 1; DROP TABLE commons.orders",
+        "SELECT * FROM '/etc/passwd'",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "",
+    ],
+)
+async def test_only_read_only_queries_run(run, sql):
+    with pytest.raises(QueryError):
+        run(sql)
+
+
+async def test_syntax_errors_carry_line_and_column(run):
+    with pytest.raises(QueryError) as caught:
+        run("SELECT amount\nFROM commons.orders WHERE (")
+    assert caught.value.line == 2
+
+
+async def test_unknown_collection(run):
+    with pytest.raises(QueryError, match="commons.nope"):
+        run("SELECT * FROM commons.nope")
+
+
+async def test_parameters_bind_as_typed_literals(run):
+    rows = run(
+        "SELECT _id FROM orders WHERE tag = :tag AND mixed = :n ORDER BY _id",
+        [{"name": "tag", "type": "string", "value": "a"}, {"name": "n", "type": "int", "value": "10"}],
+    )
+    assert rows == [{"_id": "d0"}]
+    # A string parameter can never become SQL.
+    rows = run("SELECT _id FROM orders WHERE tag = :tag", [{"name": "tag", "type": "string", "value": "a' OR '1'='1"}])
+    assert rows == []
+    with pytest.raises(QueryError, match="no value"):
+        run("SELECT * FROM orders WHERE tag = :missing")
+
+
+async def test_values_compare_by_their_own_type(run):
+    assert run("SELECT _id FROM orders WHERE mixed = 10") == [{"_id": "d0"}]
+    assert run("SELECT _id FROM orders WHERE mixed = '10'") == [{"_id": "d1"}]
+
+
+async def test_typeof_names_each_value_type(run):
+    rows = run("SELECT _id, typeof(mixed) AS t, typeof(city.name) AS c FROM orders ORDER BY _id")
+    assert [(r["t"], r["c"]) for r in rows] == [("int", "string"), ("string", "string"), ("bool", "string"), ("null", "null")]
+
+
+async def test_mixed_number_fields_aggregate_as_numbers(run):
+    (row,) = run("SELECT SUM(amount), MAX(amount) AS top, COUNT(amount) AS n FROM orders")
+    assert row == {"SUM(amount)": 19.5, "top": 10.0, "n": 4}  # the string 'n/a' counts but does not add
+
+
+async def test_nested_fields_group(run):
+    rows = run("SELECT city.name AS city, COUNT(*) AS n FROM orders WHERE city.name IS NOT NULL GROUP BY city.name ORDER BY n DESC")
+    assert rows == [{"city": "Oslo", "n": 2}, {"city": "Rome", "n": 1}]
