@@ -3,9 +3,11 @@
 sqlglot parses the query once (PostgreSQL dialect, the closest to DataFusion's) so that we
 can refuse anything but a single read-only query before DataFusion sees it, find the
 collections it reads (`workspace.collection`; a bare name means workspace `commons`),
-bind `:name` parameters as typed literals (never by pasting text), and rewrite `typeof(x)`
-into per-value type names, which needs the collection schemas. Unchanged queries reach
-DataFusion as the user wrote them.
+bind `:name` parameters as typed literals (never by pasting text), and rewrite what needs
+the collection schemas: `typeof(x)` into per-value type names, comparisons of a field with a
+literal into Rockset's dynamic typing (`x = 10` never matches `'10'`; DataFusion would cast),
+and mixed-type fields used as numbers. Unchanged queries reach DataFusion as the user wrote
+them.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLooku
     changed = _bind_parameters(tree, parameters)
     names = _output_names(tree)
     changed |= _rewrite_typeof(tree, collections, schema_of)
+    changed |= _rewrite_typed_comparisons(tree, collections, schema_of)
     changed |= _rewrite_mixed_numbers(tree, collections, schema_of)
     _keep_output_names(tree, names)
     sql = tree.sql(dialect=_DIALECT, normalize_functions=False) if changed else query
@@ -178,12 +181,96 @@ def _rewrite_typeof(tree: exp.Expression, collections: list[tuple[str, str]], sc
     return bool(calls)
 
 
+# The kind of value each document type compares as; a literal only ever matches its own kind.
+_MEMBER_KINDS = {"int": "number", "float": "number", "decimal": "number", "string": "string", "bool": "bool"}
+_MIRRORED = {exp.LT: exp.GT, exp.GT: exp.LT, exp.LTE: exp.GTE, exp.GTE: exp.LTE, exp.EQ: exp.EQ, exp.NEQ: exp.NEQ}
+
+
+def _rewrite_typed_comparisons(
+    tree: exp.Expression, collections: list[tuple[str, str]], schema_of: SchemaLookup
+) -> bool:
+    """`field OP literal` compares only values of the literal's kind (Rockset's dynamic typing).
+
+    A value of another kind is neither equal, less nor greater (`=`, `<`... are false) and is
+    always different (`!=` is true unless the value is null). For a mixed field each member of
+    the literal's kind is compared on its own (`union_extract`); a plain column of another kind
+    compares as a constant. DataFusion alone would cast the literal or the column, so
+    `x = 10` would match '10' or fail on 'abc'. `x IN (literals)` is read as ORed equalities.
+    """
+    changed = False
+    for node in list(tree.find_all(exp.In)):
+        values = node.expressions
+        if node.args.get("query") or not values or not all(_literal_kind(v) for v in values):
+            continue
+        if all(_comparison_plan(node.this, _literal_kind(v), collections, schema_of) is None for v in values):
+            continue
+        equalities = [exp.EQ(this=node.this.copy(), expression=v.copy()) for v in values]
+        node.replace(exp.Paren(this=exp.or_(*equalities)))
+        changed = True
+    for node in list(tree.find_all(exp.EQ, exp.NEQ, exp.LT, exp.LTE, exp.GT, exp.GTE)):
+        field, literal, operator = node.this, node.expression, type(node)
+        if _literal_kind(field) and not _literal_kind(literal):
+            field, literal, operator = literal, field, _MIRRORED[operator]
+        kind = _literal_kind(literal)
+        if kind is None or not isinstance(field, (exp.Column, exp.Dot, exp.Bracket)):
+            continue
+        plan = _comparison_plan(field, kind, collections, schema_of)
+        if plan is None:
+            continue
+        compare = exp.EQ if operator is exp.NEQ else operator
+        terms = [compare(this=value, expression=literal.copy()) for value in plan]
+        # Null stays unknown, as in SQL; a value of another kind is a definite FALSE, so that
+        # NOT (and NOT IN) reads it as different.
+        matched: exp.Expression = exp.Case(
+            ifs=[exp.If(this=exp.Is(this=field.copy(), expression=exp.Null()), true=exp.Null())],
+            default=exp.Coalesce(this=exp.or_(*terms), expressions=[exp.false()]) if terms else exp.false(),
+        )
+        node.replace(exp.Not(this=matched) if operator is exp.NEQ else matched)
+        changed = True
+    return changed
+
+
+def _literal_kind(node: exp.Expression) -> str | None:
+    if isinstance(node, exp.Neg):
+        node = node.this
+        return "number" if isinstance(node, exp.Literal) and not node.is_string else None
+    if isinstance(node, exp.Literal):
+        return "string" if node.is_string else "number"
+    if isinstance(node, exp.Boolean):
+        return "bool"
+    return None
+
+
+def _comparison_plan(
+    field: exp.Expression, kind: str, collections: list[tuple[str, str]], schema_of: SchemaLookup
+) -> list[exp.Expression] | None:
+    """The values of `field` a literal of `kind` is compared with; None when DataFusion's own
+    comparison is already right (same kind, or a type such as a timestamp that reads literals)."""
+    arrow_type = _field_type(field, collections, schema_of)
+    if arrow_type is None:
+        return None
+    if pa.types.is_union(arrow_type):
+        return [_member_value(field, member.name) for member in arrow_type if _MEMBER_KINDS.get(member.name) == kind]
+    if pa.types.is_timestamp(arrow_type) or pa.types.is_null(arrow_type):
+        return None
+    own_kind = _MEMBER_KINDS.get(type_name(arrow_type), "other")
+    return None if own_kind == kind else []
+
+
+def _member_value(field: exp.Expression, member: str) -> exp.Expression:
+    """A mixed field's values of one type; decimals (beyond float64) compare as float64."""
+    value: exp.Expression = exp.Anonymous(this="union_extract", expressions=[field.copy(), exp.Literal.string(member)])
+    if member == "decimal":
+        value = exp.Cast(this=value, to=exp.DataType.build("DOUBLE"))
+    return value
+
+
 # Where a field of mixed types is used as a number; DataFusion cannot do arithmetic on unions.
 _NUMERIC_CONTEXTS = (exp.Sum, exp.Avg, exp.Min, exp.Max, exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Mod, exp.Abs, exp.Round)
 
 
 def _rewrite_mixed_numbers(tree: exp.Expression, collections: list[tuple[str, str]], schema_of: SchemaLookup) -> bool:
-    """In numeric contexts, a mixed field reads as its numbers: ints and floats as float, others NULL."""
+    """In numeric contexts, a mixed field reads as its numbers (as float64 unless all are ints), others NULL."""
     changed = False
     for node in list(tree.find_all(exp.Column, exp.Dot, exp.Bracket)):
         if not isinstance(node.parent, _NUMERIC_CONTEXTS):
@@ -191,19 +278,16 @@ def _rewrite_mixed_numbers(tree: exp.Expression, collections: list[tuple[str, st
         arrow_type = _field_type(node, collections, schema_of)
         if arrow_type is None or not pa.types.is_union(arrow_type):
             continue
-        members = {f.name for f in arrow_type}
-        parts = [
-            exp.Anonymous(this="union_extract", expressions=[node.copy(), exp.Literal.string(name)])
-            for name in ("int", "float")
-            if name in members
-        ]
-        if not parts:
+        numbers = [f.name for f in arrow_type if _MEMBER_KINDS.get(f.name) == "number"]
+        if not numbers:
             continue
-        if len(parts) == 2:
-            parts[0] = exp.Cast(this=parts[0], to=exp.DataType.build("DOUBLE"))
-            node.replace(exp.Coalesce(this=parts[0], expressions=[parts[1]]))
+        if numbers == ["int"]:
+            node.replace(_member_value(node, "int"))
         else:
-            node.replace(parts[0])
+            parts = [_member_value(node, name) for name in numbers]
+            if numbers[0] == "int":
+                parts[0] = exp.Cast(this=parts[0], to=exp.DataType.build("DOUBLE"))
+            node.replace(exp.Coalesce(this=parts[0], expressions=parts[1:]))
         changed = True
     return changed
 

@@ -81,9 +81,28 @@ async def test_parameters_bind_as_typed_literals(run):
         run("SELECT * FROM orders WHERE tag = :missing")
 
 
-async def test_values_compare_by_their_own_type(run):
-    assert run("SELECT _id FROM orders WHERE mixed = 10") == [{"_id": "d0"}]
-    assert run("SELECT _id FROM orders WHERE mixed = '10'") == [{"_id": "d1"}]
+@pytest.mark.parametrize(
+    ("where", "ids"),
+    [
+        ("mixed = 10", ["d0"]),
+        ("10 = mixed", ["d0"]),
+        ("mixed = '10'", ["d1"]),
+        ("mixed = true", ["d2"]),
+        ("mixed != 10", ["d1", "d2"]),  # other types differ; the absent value is null
+        ("mixed > 5", ["d0"]),
+        ("5 < mixed", ["d0"]),
+        ("mixed >= -1.5", ["d0"]),
+        ("mixed IN (10, '10')", ["d0", "d1"]),
+        ("mixed NOT IN (10)", ["d1", "d2"]),
+        ("tag = 1", []),  # a string column never equals a number, and does not fail
+        ("tag != 1", ["d0", "d1", "d2", "d3"]),
+        ("tag IN ('a', 1)", ["d0", "d2"]),
+        ("amount > 5", ["d0", "d2"]),  # the string 'n/a' is neither greater nor smaller
+        ("amount < 'z'", ["d3"]),
+    ],
+)
+async def test_values_compare_by_their_own_type(run, where, ids):
+    assert [r["_id"] for r in run(f"SELECT _id FROM orders WHERE {where} ORDER BY _id")] == ids
 
 
 async def test_typeof_names_each_value_type(run):
