@@ -18,18 +18,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import orjson
 import pyarrow as pa
 
-from .doctypes import build_columns, merge_types
+from .doctypes import build_columns, merge_types, null_array
 from .segment import HIDDEN_NAMES, SYSTEM_FIELDS, SYSTEM_NAMES, Segment, SegmentView, conform_batch, write_fsync
-from .textindex import TextIndex
+from .textindex import TextIndex, TextPredicate, TextSearcher
 
 MANIFEST = "manifest.json"
+# The relevance of each document in a search result (BM25), as SQL's SCORE() reads it.
+SCORE_COLUMN = "_score"
 # Compaction: keep the segment count small so queries do not pay per segment, and rewrite
 # a segment once most of its rows are dead.
 MAX_SEGMENTS = 12
@@ -49,11 +51,13 @@ class Change:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What one query reads: the published segment views and the schema they conform to."""
+    """What one query reads: the published segment views, the schema they conform to, and
+    the text index as of the same refresh."""
 
     views: tuple[SegmentView, ...]
     schema: pa.Schema  # every column including hidden ones
     schema_version: int
+    searcher: TextSearcher | None = None
 
     @property
     def query_schema(self) -> pa.Schema:
@@ -62,11 +66,25 @@ class Snapshot:
     def batches(self) -> list[pa.RecordBatch]:
         schema = self.query_schema
         batches = [view.query_batch(schema, self.schema_version) for view in self.views if view.live_count]
-        return batches or [pa.RecordBatch.from_pylist([], schema=schema)]
+        return batches or [_empty_batch(schema)]
 
     @property
     def doc_count(self) -> int:
         return sum(view.live_count for view in self.views)
+
+    def search(self, predicates: Sequence[TextPredicate], limit: int | None) -> list[pa.RecordBatch]:
+        """The documents matching every predicate (the best `limit` by score, or all), in the
+        query schema plus a `_score` column."""
+        assert self.searcher is not None, "a published snapshot always has its searcher"
+        rowids, scores = self.searcher.search(predicates, limit)
+        schema = self.query_schema
+        batches = []
+        for view in self.views:
+            rows, hits = view.rows_of(rowids)
+            if len(rows):
+                batch = conform_batch(view.segment.batch.take(pa.array(rows)), schema)
+                batches.append(batch.append_column(SCORE_COLUMN, pa.array(scores[hits], pa.float64())))
+        return batches or [_empty_batch(schema.append(pa.field(SCORE_COLUMN, pa.float64())))]
 
 
 class Collection:
@@ -107,11 +125,11 @@ class Collection:
         self._deletes_file.clear()
         self._generation = self._next_rowid = self._next_seg_id = 0
         self.checkpoint = None
-        self._snapshot = Snapshot((), SYSTEM_FIELDS, 0)
         path = self.directory / MANIFEST
         if not path.exists():
             self._text.clear()
             self._text.commit(0)
+            self._snapshot = Snapshot((), SYSTEM_FIELDS, 0, self._text.searcher())
             return
         manifest = orjson.loads(path.read_bytes())
         views = []
@@ -136,17 +154,19 @@ class Collection:
             for row, doc_id in enumerate(ids):
                 if deleted is None or not deleted[row]:
                     self._locations[doc_id] = (seg_id, row)
-        self._snapshot = Snapshot(tuple(views), schema, 1)
         if self._text.generation() != self._generation:
-            self._rebuild_text_index()
+            self._rebuild_text_index(views)
+        self._snapshot = Snapshot(tuple(views), schema, 1, self._text.searcher())
         self._remove_unreferenced_files()
 
-    def _rebuild_text_index(self) -> None:
+    def _rebuild_text_index(self, views: list[SegmentView]) -> None:
         """The index is derived data: after a crash between its commit and the manifest's, rebuild it."""
         self._text.clear()
-        for view in self._snapshot.views:
+        for view in views:
             batch = view.live_batch()
-            self._text.update((), zip(batch.column("_id").to_pylist(), batch.column("_rowid").to_pylist()))
+            fields = batch.drop_columns([name for name in batch.schema.names if name in SYSTEM_NAMES])
+            documents = ({k: v for k, v in row.items() if v is not None} for row in fields.to_pylist())
+            self._text.update((), zip(batch.column("_id").to_pylist(), batch.column("_rowid").to_pylist(), documents))
         self._text.commit(self._generation)
 
     async def close(self) -> None:
@@ -172,6 +192,7 @@ class Collection:
             self._refresh(changes, checkpoint)
         except BaseException:
             # Memory may be ahead of the disk now: go back to the last committed state.
+            self._text.rollback()
             self._load()
             raise
 
@@ -192,18 +213,19 @@ class Collection:
         ]
         schema, version = self._snapshot.schema, self._snapshot.schema_version
         upserts = [change for change in latest.values() if change.doc is not None]
-        added: list[tuple[str, int]] = []
+        added: list[tuple[str, int, dict[str, Any]]] = []
         if upserts:
-            segment = self._build_segment(upserts)
+            segment, documents = self._build_segment(upserts)
             views.append(SegmentView(segment))
-            added = list(zip(segment.batch.column("_id").to_pylist(), segment.batch.column("_rowid").to_pylist()))
+            added = list(zip(segment.batch.column("_id").to_pylist(), segment.batch.column("_rowid").to_pylist(), documents))
             merged = _merged_schema(schema, segment.batch.schema)
             if merged != schema:
                 schema, version = merged, version + 1
         self._text.update(replaced, added)
         self._commit(self._compact(Snapshot(tuple(views), schema, version)), checkpoint)
 
-    def _build_segment(self, upserts: list[Change]) -> Segment:
+    def _build_segment(self, upserts: list[Change]) -> tuple[Segment, list[dict[str, Any]]]:
+        """The segment of `upserts`, and their documents as stored (what the text index holds)."""
         seg_id, first_rowid = self._next_seg_id, self._next_rowid
         self._next_seg_id += 1
         self._next_rowid += len(upserts)
@@ -218,7 +240,7 @@ class Collection:
         batch = pa.RecordBatch.from_pydict({**system, **build_columns(docs)})
         for row, change in enumerate(upserts):
             self._locations[change.id] = (seg_id, row)
-        return Segment(seg_id, batch)
+        return Segment(seg_id, batch), docs
 
     def _compact(self, snapshot: Snapshot) -> Snapshot:
         """Drop dead segments; merge small ones when there are too many; rewrite mostly-dead ones."""
@@ -253,6 +275,7 @@ class Collection:
         if checkpoint is not None:
             self.checkpoint = checkpoint
         self._text.commit(generation)
+        snapshot = replace(snapshot, searcher=self._text.searcher())
         manifest = {
             "generation": generation,
             "next_rowid": self._next_rowid,
@@ -278,6 +301,10 @@ class Collection:
         live = {view.segment.seg_id for view in self._snapshot.views}
         for seg_id in [s for s in self._deletes_file if s not in live]:
             del self._deletes_file[seg_id]
+
+
+def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([null_array(0, f.type) for f in schema], schema=schema)
 
 
 def _merged_schema(schema: pa.Schema, batch_schema: pa.Schema) -> pa.Schema:

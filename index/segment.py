@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,13 @@ class Segment:
     def rows(self) -> int:
         return self.batch.num_rows
 
+    @cached_property
+    def rowid_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """The segment's row ids sorted, and the row of each (merged segments are unordered)."""
+        rowids = self.batch.column("_rowid").to_numpy()
+        order = np.argsort(rowids, kind="stable")
+        return rowids[order], order
+
     @staticmethod
     def file_name(seg_id: int) -> str:
         return f"seg-{seg_id:08d}.arrow"
@@ -91,6 +99,19 @@ class SegmentView:
         deleted = np.zeros(self.segment.rows, bool) if self.deleted is None else self.deleted.copy()
         deleted[rows] = True
         return SegmentView(self.segment, deleted)
+
+    def rows_of(self, rowids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The live rows holding any of `rowids`, and for each the index of its id in `rowids`."""
+        sorted_ids, order = self.segment.rowid_order
+        if not len(sorted_ids) or not len(rowids):
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        positions = np.minimum(np.searchsorted(sorted_ids, rowids), len(sorted_ids) - 1)
+        hits = np.flatnonzero(sorted_ids[positions] == rowids)
+        rows = order[positions[hits]]
+        if self.deleted is not None:
+            live = ~self.deleted[rows]
+            rows, hits = rows[live], hits[live]
+        return rows, hits
 
     def live_batch(self) -> pa.RecordBatch:
         batch = self.segment.batch

@@ -1,7 +1,8 @@
 """Runs prepared queries on DataFusion over collection snapshots.
 
 Each query gets its own SessionContext (a fraction of a millisecond) holding exactly the
-snapshots it reads, registered zero-copy as `workspace.collection`. DataFusion's SQLOptions
+snapshots it reads, registered zero-copy as `workspace.collection`, and the documents
+matching each `SEARCH(...)`, found by the snapshot's text index, as `_search.sN`. DataFusion's SQLOptions
 refuse DDL, DML and SET a second time, behind the planner's check. Column names are case
 sensitive, as DynamoDB attribute names are.
 """
@@ -19,7 +20,7 @@ from datafusion import SessionConfig, SessionContext, SQLOptions
 from shoal.index.collection import Snapshot
 from shoal.index.doctypes import type_name
 
-from .planner import DEFAULT_WORKSPACE, PreparedQuery, QueryError
+from .planner import DEFAULT_WORKSPACE, SEARCH_SCHEMA, PreparedQuery, QueryError
 
 _READ_ONLY = SQLOptions().with_allow_ddl(False).with_allow_dml(False).with_allow_statements(False)
 
@@ -82,13 +83,19 @@ def execute(
     deadline = started + timeout_s
     context = _session()
     catalog = context.catalog()
+    snapshots = {}  # one per collection: its table and its searches read the same state
     for workspace, name in prepared.collections:
-        snapshot = snapshot_of(workspace, name)
+        snapshot = snapshots[workspace, name] = snapshot_of(workspace, name)
         if snapshot is None:
             raise QueryError(f"collection '{workspace}.{name}' does not exist")
         if workspace not in catalog.schema_names():
             catalog.register_schema(workspace, datafusion.catalog.Schema.memory_schema())
         context.register_record_batches(f"{workspace}.{name}", [snapshot.batches()])
+    if prepared.searches:
+        catalog.register_schema(SEARCH_SCHEMA, datafusion.catalog.Schema.memory_schema())
+    for search in prepared.searches:
+        matches = snapshots[search.collection].search(search.predicates, search.limit)
+        context.register_record_batches(f"{SEARCH_SCHEMA}.{search.table}", [matches])
     try:
         frame = context.sql_with_options(prepared.sql, _READ_ONLY).limit(row_limit)
         batches = []

@@ -3,8 +3,9 @@
 sqlglot parses the query once (PostgreSQL dialect, the closest to DataFusion's) so that we
 can refuse anything but a single read-only query before DataFusion sees it, find the
 collections it reads (`workspace.collection`; a bare name means workspace `commons`),
-bind `:name` parameters as typed literals (never by pasting text), and rewrite what needs
-the collection schemas: `typeof(x)` into per-value type names, comparisons of a field with a
+bind `:name` parameters as typed literals (never by pasting text), plan `SEARCH(...)`
+predicates for the text index, and rewrite what needs the collection schemas: `typeof(x)`
+into per-value type names, comparisons of a field with a
 literal into Rockset's dynamic typing (`x = 10` never matches `'10'`; DataFusion would cast),
 and mixed-type fields used as numbers. Unchanged queries reach DataFusion as the user wrote
 them.
@@ -18,12 +19,31 @@ from typing import Any, Callable
 import pyarrow as pa
 import sqlglot
 from sqlglot import exp
+from sqlglot.dialects.postgres import Postgres
 from sqlglot.errors import ParseError
 
+from shoal.index.collection import SCORE_COLUMN
 from shoal.index.doctypes import type_name
+from shoal.index.textindex import TextPredicate
 
 DEFAULT_WORKSPACE = "commons"
-_DIALECT = "postgres"
+# Where the engine registers each search's matching documents (no workspace name starts with "_").
+SEARCH_SCHEMA = "_search"
+
+
+def _rockset_function(name: str) -> Callable[[list], exp.Expression]:
+    return lambda args: exp.Anonymous(this=name, expressions=args)
+
+
+class _Dialect(Postgres):
+    """PostgreSQL, the closest to DataFusion's SQL, with Rockset's search functions kept as
+    plain calls (sqlglot would read SEARCH and CONTAINS as other dialects' functions)."""
+
+    class Parser(Postgres.Parser):
+        FUNCTIONS = {**Postgres.Parser.FUNCTIONS, **{n: _rockset_function(n) for n in ("SEARCH", "CONTAINS", "PHRASE")}}
+
+
+_DIALECT = _Dialect
 
 
 class QueryError(Exception):
@@ -36,9 +56,21 @@ class QueryError(Exception):
 
 
 @dataclass(frozen=True)
+class Search:
+    """Documents of `collection` matching every predicate, which the engine registers as
+    `SEARCH_SCHEMA.table` with a `_score` column; only the best `limit` when that suffices."""
+
+    table: str
+    collection: tuple[str, str]
+    predicates: tuple[TextPredicate, ...]
+    limit: int | None
+
+
+@dataclass(frozen=True)
 class PreparedQuery:
     sql: str
     collections: tuple[tuple[str, str], ...]  # (workspace, collection) in first-seen order
+    searches: tuple[Search, ...] = ()
 
 
 SchemaLookup = Callable[[str, str], pa.Schema | None]
@@ -53,12 +85,14 @@ def prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLooku
             raise QueryError(f"collection '{workspace}.{name}' does not exist")
     changed = _bind_parameters(tree, parameters)
     names = _output_names(tree)
+    searches = _plan_searches(tree, schema_of)
+    changed |= bool(searches)
     changed |= _rewrite_typeof(tree, collections, schema_of)
     changed |= _rewrite_typed_comparisons(tree, collections, schema_of)
     changed |= _rewrite_mixed_numbers(tree, collections, schema_of)
     _keep_output_names(tree, names)
     sql = tree.sql(dialect=_DIALECT, normalize_functions=False) if changed else query
-    return PreparedQuery(sql, tuple(collections))
+    return PreparedQuery(sql, tuple(collections), tuple(searches))
 
 
 def _output_names(tree: exp.Expression) -> dict[int, str]:
@@ -179,6 +213,96 @@ def _rewrite_typeof(tree: exp.Expression, collections: list[tuple[str, str]], sc
             rewritten = exp.alias_(rewritten, "typeof")
         call.replace(rewritten)
     return bool(calls)
+
+
+def _plan_searches(tree: exp.Expression, schema_of: SchemaLookup) -> list[Search]:
+    """`WHERE SEARCH(CONTAINS(f, 'words'), PHRASE(g, 'a b'), ...)` → a `Search` evaluated in
+    tantivy; the SELECT then reads its matches (table `_search.sN`, aliased as the collection
+    was) with `SCORE()` as their `_score` column, and keeps the rest of its WHERE."""
+    searches: list[Search] = []
+    for call in list(tree.find_all(exp.Anonymous)):
+        if call.name.upper() != "SEARCH":
+            continue
+        select = call.parent_select
+        where = select.args.get("where") if select else None
+        conditions = _conjuncts(where.this) if where else []
+        if not any(condition is call for condition in conditions):
+            raise QueryError("SEARCH(...) must be a condition of a WHERE clause, joined to the others by AND")
+        source = select.args.get("from_") or select.args.get("from")
+        table = source.this if source else None
+        if select.args.get("joins") or not isinstance(table, exp.Table) or not table.name:
+            raise QueryError("SEARCH(...) needs a SELECT over one collection; join its result in an outer query")
+        collection = (table.db or DEFAULT_WORKSPACE, table.name)
+        schema = schema_of(*collection)
+        if schema is None:
+            raise QueryError("SEARCH(...) searches a collection, not a subquery or CTE")
+        alias = table.alias or table.name
+        predicates = tuple(_text_predicate(argument, {alias, table.name}) for argument in call.expressions)
+        if not predicates:
+            raise QueryError("SEARCH needs at least one CONTAINS(field, 'words') or PHRASE(field, 'words')")
+        rest = [condition for condition in conditions if condition is not call]
+        select.set("where", exp.Where(this=exp.and_(*rest)) if rest else None)
+        for score in [node for node in select.find_all(exp.Anonymous) if node.name.upper() == "SCORE"]:
+            if score.parent_select is select:
+                score.replace(exp.column(SCORE_COLUMN))
+        _expand_stars(select, schema.names)
+        name = f"s{len(searches)}"
+        table.replace(exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(SEARCH_SCHEMA), alias=exp.TableAlias(this=exp.to_identifier(alias))))
+        searches.append(Search(name, collection, predicates, _best_only(select)))
+    for score in tree.find_all(exp.Anonymous):
+        if score.name.upper() == "SCORE":
+            raise QueryError("SCORE() needs a SEARCH(...) in the WHERE clause of the same SELECT")
+    return searches
+
+
+def _expand_stars(select: exp.Select, names: list[str]) -> None:
+    """`*` (or `alias.*`) → the document's fields by name, so that `_score` is not among them."""
+    expressions: list[exp.Expression] = []
+    for expression in select.expressions:
+        if isinstance(expression, exp.Star) or (isinstance(expression, exp.Column) and isinstance(expression.this, exp.Star)):
+            expressions.extend(exp.column(name, quoted=True) for name in names)
+        else:
+            expressions.append(expression)
+    select.set("expressions", expressions)
+
+
+def _conjuncts(condition: exp.Expression) -> list[exp.Expression]:
+    condition = condition.unnest()
+    if isinstance(condition, exp.And):
+        return _conjuncts(condition.this) + _conjuncts(condition.expression)
+    return [condition]
+
+
+def _text_predicate(call: exp.Expression, qualifiers: set[str]) -> TextPredicate:
+    name = call.name.upper() if isinstance(call, exp.Anonymous) else ""
+    arguments = call.expressions if name in ("CONTAINS", "PHRASE") else []
+    if len(arguments) != 2 or not arguments[1].is_string or _path(arguments[0]) is None:
+        raise QueryError(
+            f"SEARCH takes CONTAINS(field, 'words') and PHRASE(field, 'words') conditions, not {call.sql(dialect=_DIALECT)}"
+        )
+    path = _path(arguments[0])
+    if len(path) > 1 and path[0] in qualifiers:
+        path = path[1:]
+    return TextPredicate(tuple(path), arguments[1].name, phrase=name == "PHRASE")
+
+
+def _best_only(select: exp.Select) -> int | None:
+    """k when the SELECT wants just the k best matches: `ORDER BY SCORE() DESC LIMIT k`, with
+    nothing else that needs every match (other conditions, grouping, aggregates)."""
+    order = select.args.get("order")
+    limit, offset = select.args.get("limit"), select.args.get("offset")
+    if any(select.args.get(k) for k in ("where", "group", "having", "distinct", "qualify")) or not order or not limit:
+        return None
+    if any(select.find_all(exp.AggFunc, exp.Window)) or len(order.expressions) != 1:
+        return None
+    key = order.expressions[0]
+    if not key.args.get("desc") or not (isinstance(key.this, exp.Column) and key.this.name == SCORE_COLUMN):
+        return None
+    count = limit.expression
+    skip = offset.expression if offset else exp.Literal.number(0)
+    if not (count.is_int and skip.is_int):
+        return None
+    return int(count.name) + int(skip.name)
 
 
 # The kind of value each document type compares as; a literal only ever matches its own kind.
