@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import orjson
 import pyarrow as pa
@@ -47,6 +47,9 @@ class Change:
     doc: dict[str, Any] | None
     event_time_us: int
     meta: dict[str, str | None]
+
+
+Transform = Callable[[Sequence[Change]], Sequence[Change]]
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,9 @@ class Snapshot:
 class Collection:
     """Storage of one collection. Create with `Collection.open`; write only via `apply`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, transform: Transform | None = None) -> None:
         self.directory = directory
+        self._transform = transform
         self._lock = asyncio.Lock()
         self._text = TextIndex(directory / "text")
         self._locations: dict[str, tuple[int, int]] = {}  # _id → (segment id, row)
@@ -115,10 +119,11 @@ class Collection:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, directory: Path) -> "Collection":
-        """Load the last committed state (an empty collection if there is none)."""
+    def open(cls, directory: Path, transform: Transform | None = None) -> "Collection":
+        """Load the last committed state (an empty collection if there is none). `transform`
+        rewrites each batch of changes before it is stored (the field mapping)."""
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return cls(directory)
+        return cls(directory, transform)
 
     def _load(self) -> None:
         self._locations.clear()
@@ -188,6 +193,8 @@ class Collection:
                 raise
 
     def _apply(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None) -> None:
+        if self._transform is not None and changes:
+            changes = self._transform(changes)  # before any state changes: a failure leaves none
         try:
             self._refresh(changes, checkpoint)
         except BaseException:

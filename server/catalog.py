@@ -25,6 +25,7 @@ import orjson
 
 from shoal.index.collection import Collection, Snapshot
 from shoal.ingest.pipeline import SourcePipeline
+from shoal.sql.mapping import FieldMapping
 
 from .errors import ApiError, conflict, not_found
 from .specs import (
@@ -94,7 +95,8 @@ class Catalog:
             await live.storage.close()
 
     def _open(self, spec: CollectionSpec) -> LiveCollection:
-        storage = Collection.open(self._collection_dir(spec.workspace, spec.name) / "index")
+        mapping = FieldMapping(spec.field_mapping_sql) if spec.field_mapping_sql else None
+        storage = Collection.open(self._collection_dir(spec.workspace, spec.name) / "index", mapping and mapping.apply)
         pipeline = SourcePipeline(storage, spec.source, self.integrations[spec.integration_name].access)
         return LiveCollection(spec, storage, pipeline)
 

@@ -153,13 +153,21 @@ async def run_query(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     query, parameters, row_limit, timeout_s = _parse_query(await read_json(request))
 
+    snapshots: dict[tuple[str, str], Any] = {}
+
+    def snapshot_of(workspace: str, name: str):
+        """The same snapshot for planning and running: the plan depends on its schema."""
+        if (workspace, name) not in snapshots:
+            snapshots[workspace, name] = catalog.snapshot(workspace, name)
+        return snapshots[workspace, name]
+
     def schema_of(workspace: str, name: str):
-        snapshot = catalog.snapshot(workspace, name)
+        snapshot = snapshot_of(workspace, name)
         return None if snapshot is None else snapshot.query_schema
 
     def plan_and_run() -> tuple[planner.PreparedQuery, engine.QueryResult]:
         prepared = planner.prepare(query, parameters, schema_of)
-        return prepared, engine.execute(prepared, catalog.snapshot, row_limit, timeout_s)
+        return prepared, engine.execute(prepared, snapshot_of, row_limit, timeout_s)
 
     async with request.app[QUERY_SLOTS]:
         try:

@@ -12,6 +12,8 @@ from typing import Any
 
 from shoal.ingest.aws import AwsAccess
 from shoal.ingest.pipeline import DEFAULT_RCU, SourceConfig, SourceStatus
+from shoal.sql.mapping import FieldMapping
+from shoal.sql.planner import QueryError
 
 from .errors import invalid
 
@@ -131,6 +133,7 @@ class CollectionSpec:
     integration_name: str
     source: SourceConfig
     created_at: str
+    field_mapping_sql: str | None = None  # Rockset's field_mapping_query.sql
 
 
 def _poll_frequency(settings: dict) -> float:
@@ -149,7 +152,7 @@ def _poll_frequency(settings: dict) -> float:
 def parse_collection(workspace: str, body: Any, now: str) -> CollectionSpec:
     check_name("workspace", workspace)
     body = _object(body, "body")
-    _known_fields(body, {"name", "description", "sources", "retention_secs"}, "body")
+    _known_fields(body, {"name", "description", "sources", "retention_secs", "field_mapping_query"}, "body")
     name = check_name("collection", body.get("name"))
     sources = body.get("sources")
     if not isinstance(sources, list) or len(sources) != 1:
@@ -169,6 +172,7 @@ def parse_collection(workspace: str, body: Any, now: str) -> CollectionSpec:
     description = body.get("description")
     if description is not None and not isinstance(description, str):
         raise invalid("description must be a string")
+    field_mapping_sql = _field_mapping(body.get("field_mapping_query"))
     return CollectionSpec(
         workspace=workspace,
         name=name,
@@ -182,7 +186,21 @@ def parse_collection(workspace: str, body: Any, now: str) -> CollectionSpec:
             poll_interval_s=_poll_frequency(settings),
         ),
         created_at=now,
+        field_mapping_sql=field_mapping_sql,
     )
+
+
+def _field_mapping(value: Any) -> str | None:
+    if value is None:
+        return None
+    mapping = _object(value, "field_mapping_query")
+    _known_fields(mapping, {"sql"}, "field_mapping_query")
+    sql = _string(mapping, "sql", "field_mapping_query")
+    try:
+        FieldMapping(sql)
+    except QueryError as error:
+        raise invalid(f"field_mapping_query.sql: {error}") from None
+    return sql
 
 
 def collection_to_disk(spec: CollectionSpec) -> dict[str, Any]:
@@ -204,6 +222,7 @@ def collection_json(spec: CollectionSpec, status: SourceStatus, doc_count: int, 
         "workspace": spec.workspace,
         "description": spec.description,
         "created_at": spec.created_at,
+        "field_mapping_query": {"sql": spec.field_mapping_sql} if spec.field_mapping_sql else None,
         "status": state,
         "sources": [
             {

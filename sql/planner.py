@@ -78,7 +78,7 @@ SchemaLookup = Callable[[str, str], pa.Schema | None]
 
 def prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLookup) -> PreparedQuery:
     """Validate `query`, bind `parameters`, rewrite what DataFusion cannot say itself."""
-    tree = _parse_single_query(query)
+    tree = parse_single_query(query)
     collections = _collections(tree)
     for workspace, name in collections:
         if schema_of(workspace, name) is None:
@@ -114,7 +114,7 @@ def _keep_output_names(tree: exp.Expression, names: dict[int, str]) -> None:
                 column.replace(exp.alias_(column.copy(), original, quoted=True))
 
 
-def _parse_single_query(query: str) -> exp.Expression:
+def parse_single_query(query: str) -> exp.Expression:
     if not query.strip():
         raise QueryError("query is empty")
     try:
