@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import uuid
 from decimal import Decimal
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from shoal.sql import engine, planner
-
 from .catalog import Catalog, LiveCollection, now_iso
-from .errors import ApiError, invalid
+from .errors import invalid
 from .specs import collection_json, integration_json, parse_collection, parse_integration
 
 CATALOG = web.AppKey("catalog", Catalog)
-QUERY_SLOTS = web.AppKey("query_slots", asyncio.Semaphore)
-
-DEFAULT_ROW_LIMIT = 10_000
-MAX_ROW_LIMIT = 100_000
-DEFAULT_TIMEOUT_MS = 120_000  # Rockset's synchronous default
-MAX_TIMEOUT_MS = 600_000
 
 routes = web.RouteTableDef()
 
@@ -124,72 +114,3 @@ async def get_collection(request: web.Request) -> web.Response:
 async def delete_collection(request: web.Request) -> web.Response:
     live = await request.app[CATALOG].delete_collection(request.match_info["workspace"], request.match_info["name"])
     return respond({"data": _render_collection(live, deleted=True)})
-
-
-# ------------------------------------------------------------------ queries
-
-
-def _parse_query(body: Any) -> tuple[str, list[dict], int, float]:
-    if not isinstance(body, dict) or not isinstance(body.get("sql"), dict):
-        raise invalid('body must be {"sql": {"query": "...", "parameters": [...], "default_row_limit": N}}')
-    sql = body["sql"]
-    query = sql.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise invalid("sql.query must be a non-empty string")
-    parameters = sql.get("parameters") or []
-    if not isinstance(parameters, list) or not all(isinstance(p, dict) for p in parameters):
-        raise invalid("sql.parameters must be a list of {name, type, value}")
-    row_limit = sql.get("default_row_limit", DEFAULT_ROW_LIMIT)
-    if not isinstance(row_limit, int) or isinstance(row_limit, bool) or row_limit < 1:
-        raise invalid("sql.default_row_limit must be a positive integer")
-    timeout_ms = body.get("timeout_ms", DEFAULT_TIMEOUT_MS)
-    if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms < 1:
-        raise invalid("timeout_ms must be a positive integer")
-    return query, parameters, min(row_limit, MAX_ROW_LIMIT), min(timeout_ms, MAX_TIMEOUT_MS) / 1000
-
-
-@routes.post("/v1/orgs/self/queries")
-async def run_query(request: web.Request) -> web.Response:
-    catalog = request.app[CATALOG]
-    query, parameters, row_limit, timeout_s = _parse_query(await read_json(request))
-
-    snapshots: dict[tuple[str, str], Any] = {}
-
-    def snapshot_of(workspace: str, name: str):
-        """The same snapshot for planning and running: the plan depends on its schema."""
-        if (workspace, name) not in snapshots:
-            snapshots[workspace, name] = catalog.snapshot(workspace, name)
-        return snapshots[workspace, name]
-
-    def schema_of(workspace: str, name: str):
-        snapshot = snapshot_of(workspace, name)
-        return None if snapshot is None else snapshot.query_schema
-
-    def plan_and_run() -> tuple[planner.PreparedQuery, engine.QueryResult]:
-        prepared = planner.prepare(query, parameters, schema_of)
-        return prepared, engine.execute(prepared, snapshot_of, row_limit, timeout_s)
-
-    async with request.app[QUERY_SLOTS]:
-        try:
-            prepared, result = await asyncio.to_thread(plan_and_run)
-        except planner.QueryError as error:
-            message = str(error)
-            if error.line is not None:
-                message += f" (line {error.line}, column {error.column})"
-            raise ApiError(400, "QUERY_ERROR", message) from None
-        except engine.QueryTimeout as error:
-            raise ApiError(408, "QUERY_TIMEOUT", str(error)) from None
-    rows = result.table.to_pylist()
-    return respond(
-        {
-            "query_id": str(uuid.uuid4()),
-            "status": "COMPLETED",
-            "results": rows,
-            "results_total_doc_count": len(rows),
-            "column_fields": result.column_fields,
-            "collections": [f"{ws}.{name}" for ws, name in prepared.collections],
-            "stats": {"elapsed_time_ms": round(result.elapsed_ms, 3)},
-            "warnings": [],
-            "query_errors": [],
-        }
-    )

@@ -1,0 +1,196 @@
+"""SQL over HTTP: `POST /v1/orgs/self/queries`, pages of large results, and `run_sql`,
+the one path by which both ad-hoc queries and query lambdas run.
+
+A query plans and runs in a worker thread (at most `MAX_CONCURRENT_QUERIES` at once) on
+one snapshot per collection. Without pagination the answer holds at most `row_limit` rows.
+With `sql.paginate: true` (Rockset's shape) the server keeps up to `MAX_PAGINATED_ROWS`
+rows of the result for `RESULTS_TTL_S`, answers with the first page and a cursor, and
+serves the next pages from `GET /v1/orgs/self/queries/{query_id}/pages/{cursor}?docs=N`.
+Kept results live in memory within a byte budget; the oldest are dropped first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from aiohttp import web
+
+from shoal.sql import engine, planner
+
+from .errors import ApiError, invalid, not_found
+from .routes import CATALOG, read_json, respond
+
+DEFAULT_ROW_LIMIT = 10_000
+MAX_ROW_LIMIT = 100_000  # rows in one answer or page
+MAX_PAGINATED_ROWS = 1_000_000  # rows a paginated query keeps for its pages
+DEFAULT_TIMEOUT_MS = 120_000  # Rockset's synchronous default
+MAX_TIMEOUT_MS = 600_000
+MAX_CONCURRENT_QUERIES = 8
+RESULTS_TTL_S = 30 * 60
+RESULTS_MAX_BYTES = 512 * 2**20
+
+QUERY_SLOTS = web.AppKey("query_slots", asyncio.Semaphore)
+
+routes = web.RouteTableDef()
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    row_limit: int
+    timeout_s: float
+    first_page: int | None = None  # rows in the first answer of a paginated query
+
+
+def _positive_int(container: dict, key: str, where: str, default: int) -> int:
+    value = container.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise invalid(f"{where}{key} must be a positive integer")
+    return value
+
+
+def parse_parameters(value: Any, where: str) -> list[dict[str, Any]]:
+    parameters = value or []
+    if not isinstance(parameters, list) or not all(isinstance(p, dict) for p in parameters):
+        raise invalid(f"{where} must be a list of {{name, type, value}}")
+    return parameters
+
+
+def parse_options(sql: dict[str, Any], body: dict[str, Any]) -> QueryOptions:
+    """Row limit, time limit and pagination from Rockset's fields (`sql.*` and `timeout_ms`)."""
+    row_limit = _positive_int(sql, "default_row_limit", "sql.", DEFAULT_ROW_LIMIT)
+    timeout_ms = _positive_int(body, "timeout_ms", "", DEFAULT_TIMEOUT_MS)
+    paginate = sql.get("paginate", False)
+    if not isinstance(paginate, bool):
+        raise invalid("sql.paginate must be true or false")
+    if not paginate:
+        return QueryOptions(min(row_limit, MAX_ROW_LIMIT), min(timeout_ms, MAX_TIMEOUT_MS) / 1000)
+    first_page = _positive_int(sql, "initial_paginate_response_doc_count", "sql.", min(row_limit, MAX_ROW_LIMIT))
+    return QueryOptions(
+        min(row_limit, MAX_PAGINATED_ROWS) if "default_row_limit" in sql else MAX_PAGINATED_ROWS,
+        min(timeout_ms, MAX_TIMEOUT_MS) / 1000,
+        min(first_page, MAX_ROW_LIMIT),
+    )
+
+
+class ResultPages:
+    """Results of paginated queries, kept for their next pages: at most `max_bytes` in all,
+    each for `ttl_s`; the oldest go first."""
+
+    def __init__(self, max_bytes: int = RESULTS_MAX_BYTES, ttl_s: float = RESULTS_TTL_S) -> None:
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self._results: OrderedDict[str, tuple[pa.Table, float]] = OrderedDict()
+
+    def keep(self, query_id: str, table: pa.Table) -> None:
+        self._results[query_id] = (table, time.monotonic() + self.ttl_s)
+        self._drop_expired()
+        while sum(t.nbytes for t, _ in self._results.values()) > self.max_bytes and len(self._results) > 1:
+            self._results.popitem(last=False)
+
+    def page(self, query_id: str, offset: int, count: int) -> tuple[pa.Table, int]:
+        """Rows `offset`.. of a kept result (at most `count`), and the result's row count."""
+        self._drop_expired()
+        kept = self._results.get(query_id)
+        if kept is None:
+            raise not_found(f"no kept results for query '{query_id}': unknown, or older than {self.ttl_s / 60:.0f} minutes")
+        table = kept[0]
+        return table.slice(offset, count), table.num_rows
+
+    def _drop_expired(self) -> None:
+        now = time.monotonic()
+        for query_id in [q for q, (_, expires) in self._results.items() if expires < now]:
+            del self._results[query_id]
+
+
+RESULT_PAGES = web.AppKey("result_pages", ResultPages)
+
+
+async def run_sql(app: web.Application, query: str, parameters: list[dict[str, Any]], options: QueryOptions) -> dict[str, Any]:
+    """Plan and run `query`, returning Rockset's query response (the first page if paginated)."""
+    catalog = app[CATALOG]
+    snapshots: dict[tuple[str, str], Any] = {}
+
+    def snapshot_of(workspace: str, name: str):
+        """The same snapshot for planning and running: the plan depends on its schema."""
+        if (workspace, name) not in snapshots:
+            snapshots[workspace, name] = catalog.snapshot(workspace, name)
+        return snapshots[workspace, name]
+
+    def schema_of(workspace: str, name: str):
+        snapshot = snapshot_of(workspace, name)
+        return None if snapshot is None else snapshot.query_schema
+
+    def plan_and_run() -> tuple[planner.PreparedQuery, engine.QueryResult]:
+        prepared = planner.prepare(query, parameters, schema_of)
+        return prepared, engine.execute(prepared, snapshot_of, options.row_limit, options.timeout_s)
+
+    async with app[QUERY_SLOTS]:
+        try:
+            prepared, result = await asyncio.to_thread(plan_and_run)
+        except planner.QueryError as error:
+            message = str(error)
+            if error.line is not None:
+                message += f" (line {error.line}, column {error.column})"
+            raise ApiError(400, "QUERY_ERROR", message) from None
+        except engine.QueryTimeout as error:
+            raise ApiError(408, "QUERY_TIMEOUT", str(error)) from None
+    query_id = str(uuid.uuid4())
+    table = result.table
+    answer: dict[str, Any] = {"query_id": query_id, "status": "COMPLETED"}
+    if options.first_page is not None:
+        app[RESULT_PAGES].keep(query_id, table)
+        answer["pagination"] = _pagination(0, options.first_page, table.num_rows)
+        table = table.slice(0, options.first_page)
+    return {
+        **answer,
+        "results": table.to_pylist(),
+        "results_total_doc_count": result.table.num_rows,
+        "column_fields": result.column_fields,
+        "collections": [f"{ws}.{name}" for ws, name in prepared.collections],
+        "stats": {"elapsed_time_ms": round(result.elapsed_ms, 3)},
+        "warnings": [],
+        "query_errors": [],
+    }
+
+
+def _pagination(offset: int, count: int, total: int) -> dict[str, Any]:
+    """Cursors are row offsets into the kept result, as text (clients treat them as opaque)."""
+    offset = min(offset, total)
+    end = min(offset + count, total)
+    return {
+        "start_cursor": str(offset),
+        "next_cursor": str(end) if end < total else None,
+        "current_page_doc_count": end - offset,
+    }
+
+
+@routes.post("/v1/orgs/self/queries")
+async def post_query(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("sql"), dict):
+        raise invalid('body must be {"sql": {"query": "...", "parameters": [...], "default_row_limit": N}}')
+    sql = body["sql"]
+    query = sql.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise invalid("sql.query must be a non-empty string")
+    parameters = parse_parameters(sql.get("parameters"), "sql.parameters")
+    return respond(await run_sql(request.app, query, parameters, parse_options(sql, body)))
+
+
+@routes.get("/v1/orgs/self/queries/{query_id}/pages/{cursor}")
+async def get_page(request: web.Request) -> web.Response:
+    cursor = request.match_info["cursor"]
+    if not cursor.isdigit():
+        raise invalid(f"cursor {cursor!r} is not one this server gave out")
+    docs = request.query.get("docs", str(DEFAULT_ROW_LIMIT))
+    if not docs.isdigit() or int(docs) < 1:
+        raise invalid("docs must be a positive integer")
+    count = min(int(docs), MAX_ROW_LIMIT)
+    table, total = request.app[RESULT_PAGES].page(request.match_info["query_id"], int(cursor), count)
+    return respond({"results": table.to_pylist(), "pagination": _pagination(int(cursor), count, total)})

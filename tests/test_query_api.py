@@ -1,0 +1,122 @@
+"""The query API beyond one answer: pagination of large results, and query lambdas.
+
+A real Shoal server (subprocess) over a real moto table; queries go through HTTP.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from support import ShoalProcess
+
+ROWS = 250
+
+
+@pytest.fixture(scope="module")
+def numbers(shoal_module: ShoalProcess, moto_server: str):
+    """A READY collection `commons.numbers` of items n = 0..ROWS-1, each odd or even."""
+    from support import Dynamo, run_in_thread
+
+    ddb = Dynamo(moto_server)
+    ddb.create_table("numbers_api")
+    ddb.batch_write("numbers_api", [{"pk": {"S": f"k{n:04d}"}, "n": {"N": str(n)}, "parity": {"S": "odd" if n % 2 else "even"}} for n in range(ROWS)])
+
+    async def make():
+        await shoal_module.create_integration("local_api", moto_server)
+        await shoal_module.create_collection("numbers", "local_api", "numbers_api")
+        await shoal_module.wait_ready("numbers")
+
+    run_in_thread(make)
+    return shoal_module
+
+
+async def test_pages_cover_the_result_once_in_order(numbers):
+    status, first = await numbers.api("POST", "/v1/orgs/self/queries", {
+        "sql": {"query": "SELECT n FROM commons.numbers ORDER BY n", "paginate": True, "initial_paginate_response_doc_count": 100},
+    })
+    assert status == 200, first
+    assert first["results_total_doc_count"] == ROWS and len(first["results"]) == 100
+    seen = [r["n"] for r in first["results"]]
+    cursor = first["pagination"]["next_cursor"]
+    while cursor is not None:
+        status, page = await numbers.api("GET", f"/v1/orgs/self/queries/{first['query_id']}/pages/{cursor}?docs=60")
+        assert status == 200, page
+        assert page["pagination"]["current_page_doc_count"] == len(page["results"]) <= 60
+        seen += [r["n"] for r in page["results"]]
+        cursor = page["pagination"]["next_cursor"]
+    assert seen == list(range(ROWS))
+
+
+async def test_pages_of_unknown_queries_and_bad_cursors_are_clear_errors(numbers):
+    status, body = await numbers.api("GET", "/v1/orgs/self/queries/nope/pages/0")
+    assert status == 404 and body["type"] == "NOT_FOUND"
+    status, body = await numbers.api("GET", "/v1/orgs/self/queries/nope/pages/x")
+    assert status == 400
+    status, body = await numbers.api("POST", "/v1/orgs/self/queries", {"sql": {"query": "SELECT 1", "paginate": "yes"}})
+    assert status == 400 and "paginate" in body["message"]
+
+
+async def test_row_limit_caps_an_unpaginated_answer(numbers):
+    body = await numbers.query_full("SELECT n FROM commons.numbers ORDER BY n", limit=7)
+    assert [r["n"] for r in body["results"]] == list(range(7))
+
+
+async def test_lambda_versions_run_with_default_and_given_parameters(numbers):
+    base = "/v1/orgs/self/ws/commons/lambdas"
+    status, created = await numbers.api("POST", base, {
+        "name": "by_parity",
+        "description": "count of one parity",
+        "sql": {"query": "SELECT COUNT(*) AS c FROM commons.numbers WHERE parity = :p",
+                "default_parameters": [{"name": "p", "type": "string", "value": "odd"}]},
+    })
+    assert status == 200 and created["data"]["version"] == "1", created
+    status, again = await numbers.api("POST", base, {"name": "by_parity", "sql": {"query": "SELECT 1"}})
+    assert status == 409, again
+
+    status, run = await numbers.api("POST", f"{base}/by_parity/tags/latest", {})
+    assert status == 200 and run["results"] == [{"c": ROWS // 2}], run
+    status, run = await numbers.api("POST", f"{base}/by_parity/versions/1", {"parameters": [{"name": "p", "type": "string", "value": "none"}]})
+    assert run["results"] == [{"c": 0}], run
+
+    status, updated = await numbers.api("POST", f"{base}/by_parity/versions", {
+        "sql": {"query": "SELECT MAX(n) AS top FROM commons.numbers WHERE parity = :p",
+                "default_parameters": [{"name": "p", "type": "string", "value": "even"}]},
+    })
+    assert status == 200 and updated["data"]["version"] == "2", updated
+    _, latest = await numbers.api("POST", f"{base}/by_parity/tags/latest", {})
+    _, pinned = await numbers.api("POST", f"{base}/by_parity/versions/1", {})
+    assert latest["results"] == [{"top": ROWS - 2}] and pinned["results"] == [{"c": ROWS // 2}]
+
+    status, listed = await numbers.api("GET", base)
+    assert [(s["name"], s["version_count"]) for s in listed["data"]] == [("by_parity", 2)]
+    status, _ = await numbers.api("DELETE", f"{base}/by_parity")
+    assert status == 200
+    status, gone = await numbers.api("POST", f"{base}/by_parity/tags/latest", {})
+    assert status == 404, gone
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "bad sql", "sql": {"query": "SELECT 1"}},
+        {"name": "broken", "sql": {"query": "SELEC 1"}},
+        {"name": "writer", "sql": {"query": "DROP TABLE commons.numbers"}},
+        {"name": "params", "sql": {"query": "SELECT 1", "default_parameters": "p"}},
+        {"name": "extra", "sql": {"query": "SELECT 1"}, "owner": "me"},
+        {"sql": {"query": "SELECT 1"}},
+    ],
+)
+async def test_bad_lambdas_are_refused(numbers, body):
+    status, answer = await numbers.api("POST", "/v1/orgs/self/ws/commons/lambdas", body)
+    assert status == 400 and answer["message"], answer
+
+
+async def test_lambdas_survive_a_restart(shoal):
+    status, _ = await shoal.api("POST", "/v1/orgs/self/ws/commons/lambdas", {"name": "one", "sql": {"query": "SELECT :x AS x",
+        "default_parameters": [{"name": "x", "type": "int", "value": "1"}]}})
+    assert status == 200
+    shoal.kill()
+    shoal.start()
+    status, run = await shoal.api("POST", "/v1/orgs/self/ws/commons/lambdas/one/tags/latest", {})
+    assert status == 200 and run["results"] == [{"x": 1}], run
+    assert (shoal.data_dir / "lambdas.json").stat().st_mode & 0o077 == 0
