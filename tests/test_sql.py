@@ -15,8 +15,9 @@ META = {"table": "t", "event": "INSERT", "sequence_number": None}
 async def run(tmp_path):
     collection = Collection.open(tmp_path)
     docs = [
-        {"amount": 10, "mixed": 10, "city": {"name": "Oslo"}, "tag": "a"},
-        {"amount": 2.5, "mixed": "10", "city": {"name": "Rome"}, "tag": "b"},
+        {"amount": 10, "mixed": 10, "city": {"name": "Oslo"}, "tag": "a", "tags": ["new", "sale"],
+         "items": [{"sku": "s1"}, {"sku": "s2"}]},
+        {"amount": 2.5, "mixed": "10", "city": {"name": "Rome"}, "tag": "b", "tags": ["new"]},
         {"amount": 7, "mixed": True, "city": {"name": "Oslo"}, "tag": "a"},
         {"amount": "n/a", "tag": "c"},
     ]
@@ -118,3 +119,10 @@ async def test_mixed_number_fields_aggregate_as_numbers(run):
 async def test_nested_fields_group(run):
     rows = run("SELECT city.name AS city, COUNT(*) AS n FROM orders WHERE city.name IS NOT NULL GROUP BY city.name ORDER BY n DESC")
     assert rows == [{"city": "Oslo", "n": 2}, {"city": "Rome", "n": 1}]
+
+
+async def test_arrays_unnest_to_one_row_per_element(run):
+    rows = run("SELECT tag, COUNT(*) AS n FROM (SELECT unnest(tags) AS tag FROM orders) GROUP BY tag ORDER BY tag")
+    assert rows == [{"tag": "new", "n": 2}, {"tag": "sale", "n": 1}]
+    rows = run("SELECT _id, i.sku AS sku FROM (SELECT _id, unnest(items) AS i FROM orders) ORDER BY sku")
+    assert rows == [{"_id": "d0", "sku": "s1"}, {"_id": "d0", "sku": "s2"}]
