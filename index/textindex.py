@@ -43,11 +43,12 @@ WORDS = (
 @dataclass(frozen=True)
 class TextPredicate:
     """One search condition: `field` (a path into the document) holds every word of `text`,
-    anywhere (`phrase=False`, Rockset's CONTAINS) or consecutively (`phrase=True`, PHRASE)."""
+    anywhere (`kind="contains"`, Rockset's CONTAINS) or consecutively (`"phrase"`); or, with
+    `kind="id"`, the document's `_id` is exactly `text` (a point lookup)."""
 
     field: tuple[str, ...]
     text: str
-    phrase: bool = False
+    kind: str = "contains"
 
 
 def _schema() -> tantivy.Schema:
@@ -85,11 +86,13 @@ class TextSearcher:
         return np.array(rowids, np.int64), np.array([score for score, _ in hits], np.float64)
 
     def _query(self, predicate: TextPredicate) -> tantivy.Query:
+        if predicate.kind == "id":
+            return tantivy.Query.term_query(self._schema, "_id", predicate.text)
         path = ".".join((_DOC, *predicate.field))
         words = WORDS.analyze(predicate.text)
         if not words:
             return tantivy.Query.empty_query()
-        if predicate.phrase and len(words) > 1:
+        if predicate.kind == "phrase" and len(words) > 1:
             return tantivy.Query.phrase_query(self._schema, path, words)
         terms = [tantivy.Query.term_query(self._schema, path, word) for word in words]
         return terms[0] if len(terms) == 1 else tantivy.Query.boolean_query([(tantivy.Occur.Must, t) for t in terms])

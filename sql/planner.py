@@ -216,31 +216,33 @@ def _rewrite_typeof(tree: exp.Expression, collections: list[tuple[str, str]], sc
 
 
 def _plan_searches(tree: exp.Expression, schema_of: SchemaLookup) -> list[Search]:
-    """`WHERE SEARCH(CONTAINS(f, 'words'), PHRASE(g, 'a b'), ...)` → a `Search` evaluated in
-    tantivy; the SELECT then reads its matches (table `_search.sN`, aliased as the collection
-    was) with `SCORE()` as their `_score` column, and keeps the rest of its WHERE."""
+    """`WHERE SEARCH(CONTAINS(f, 'words'), PHRASE(g, 'a b'), ...)`, and `WHERE _id = 'x'`
+    (a point lookup), → a `Search` evaluated in tantivy; the SELECT then reads its matches
+    (table `_search.sN`, aliased as the collection was) with `SCORE()` as their `_score`
+    column, and keeps the rest of its WHERE."""
     searches: list[Search] = []
-    for call in list(tree.find_all(exp.Anonymous)):
-        if call.name.upper() != "SEARCH":
-            continue
-        select = call.parent_select
-        where = select.args.get("where") if select else None
+    cte_names = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
+    for select in list(tree.find_all(exp.Select)):
+        where = select.args.get("where")
         conditions = _conjuncts(where.this) if where else []
-        if not any(condition is call for condition in conditions):
-            raise QueryError("SEARCH(...) must be a condition of a WHERE clause, joined to the others by AND")
-        source = select.args.get("from_") or select.args.get("from")
-        table = source.this if source else None
-        if select.args.get("joins") or not isinstance(table, exp.Table) or not table.name:
+        calls = [c for c in conditions if isinstance(c, exp.Anonymous) and c.name.upper() == "SEARCH"]
+        table = _single_table(select, cte_names)
+        lookups = [c for c in conditions if table is not None and _id_lookup(c, table) is not None]
+        if not calls and not lookups:
+            continue
+        if table is None:  # so there is a SEARCH: a lookup needs a table
             raise QueryError("SEARCH(...) needs a SELECT over one collection; join its result in an outer query")
+        if len(calls) > 1:
+            raise QueryError("write one SEARCH(...) per SELECT; it takes several conditions")
         collection = (table.db or DEFAULT_WORKSPACE, table.name)
         schema = schema_of(*collection)
-        if schema is None:
-            raise QueryError("SEARCH(...) searches a collection, not a subquery or CTE")
+        assert schema is not None, "prepare checked that every collection exists"
         alias = table.alias or table.name
-        predicates = tuple(_text_predicate(argument, {alias, table.name}) for argument in call.expressions)
-        if not predicates:
+        predicates = [_text_predicate(argument, {alias, table.name}) for call in calls for argument in call.expressions]
+        if calls and not predicates:
             raise QueryError("SEARCH needs at least one CONTAINS(field, 'words') or PHRASE(field, 'words')")
-        rest = [condition for condition in conditions if condition is not call]
+        predicates += [TextPredicate(("_id",), _id_lookup(c, table), kind="id") for c in lookups]
+        rest = [c for c in conditions if not any(c is used for used in (*calls, *lookups))]
         select.set("where", exp.Where(this=exp.and_(*rest)) if rest else None)
         for score in [node for node in select.find_all(exp.Anonymous) if node.name.upper() == "SCORE"]:
             if score.parent_select is select:
@@ -248,11 +250,40 @@ def _plan_searches(tree: exp.Expression, schema_of: SchemaLookup) -> list[Search
         _expand_stars(select, schema.names)
         name = f"s{len(searches)}"
         table.replace(exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(SEARCH_SCHEMA), alias=exp.TableAlias(this=exp.to_identifier(alias))))
-        searches.append(Search(name, collection, predicates, _best_only(select)))
-    for score in tree.find_all(exp.Anonymous):
-        if score.name.upper() == "SCORE":
+        searches.append(Search(name, collection, tuple(predicates), _best_only(select)))
+    for call in tree.find_all(exp.Anonymous):
+        if call.name.upper() == "SEARCH":
+            raise QueryError("SEARCH(...) must be a condition of a WHERE clause, joined to the others by AND")
+        if call.name.upper() == "SCORE":
             raise QueryError("SCORE() needs a SEARCH(...) in the WHERE clause of the same SELECT")
     return searches
+
+
+def _single_table(select: exp.Select, cte_names: set[str]) -> exp.Table | None:
+    """The collection a SELECT reads when it reads exactly one (not a subquery or CTE)."""
+    source = select.args.get("from_") or select.args.get("from")
+    table = source.this if source else None
+    if select.args.get("joins") or not isinstance(table, exp.Table) or not table.name:
+        return None
+    if not table.db and table.name in cte_names:
+        return None
+    return table
+
+
+def _id_lookup(condition: exp.Expression, table: exp.Table) -> str | None:
+    """The id in `_id = 'x'` (either way round) on `table`'s `_id`, else None."""
+    if not isinstance(condition, exp.EQ):
+        return None
+    for column, value in ((condition.this, condition.expression), (condition.expression, condition.this)):
+        if (
+            isinstance(column, exp.Column)
+            and column.name == "_id"
+            and column.table in ("", table.alias, table.name)
+            and isinstance(value, exp.Literal)
+            and value.is_string
+        ):
+            return value.name
+    return None
 
 
 def _expand_stars(select: exp.Select, names: list[str]) -> None:
@@ -283,7 +314,7 @@ def _text_predicate(call: exp.Expression, qualifiers: set[str]) -> TextPredicate
     path = _path(arguments[0])
     if len(path) > 1 and path[0] in qualifiers:
         path = path[1:]
-    return TextPredicate(tuple(path), arguments[1].name, phrase=name == "PHRASE")
+    return TextPredicate(tuple(path), arguments[1].name, kind=name.lower())
 
 
 def _best_only(select: exp.Select) -> int | None:

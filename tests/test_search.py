@@ -195,3 +195,23 @@ async def test_search_over_http_follows_the_stream(shoal, ddb, table_name, moto_
     await wait_until(moved, timeout=10)
     status, body = await shoal.api("POST", "/v1/orgs/self/queries", {"sql": {"query": "SELECT SCORE() FROM commons.docs"}})
     assert status == 400 and "SEARCH" in body["message"], body
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["_id = 'd7'", "'d7' = _id", "docs._id = 'd7' AND n >= 0", "_id = 'd7' AND n < 0", "_id = 'nope'", "_id = 'd3'"],
+)
+async def test_point_lookups_by_id_equal_a_filter(corpus, where):
+    """`_id = 'x'` is answered from the index; the answer must be what a filter gives."""
+    collection, docs, query = corpus
+    rng = random.Random(3)
+    changes = [Change(f"d{i}", random_doc(rng), 0, META) for i in range(20)]
+    await collection.apply(changes, None)
+    await collection.apply([Change("d3", None, 0, META), Change("d7", {"title": "new", "n": 1}, 0, META)], None)
+    looked_up = query(f"SELECT _id, title FROM docs WHERE {where}")
+    # The same condition where the planner cannot use the index (a CTE) is a plain filter.
+    filtered = query(f"WITH plain AS (SELECT * FROM commons.docs) SELECT _id, title FROM plain AS docs WHERE {where}")
+    assert looked_up == filtered
+    schema_of = lambda *_: collection.snapshot().query_schema  # noqa: E731
+    assert prepare(f"SELECT _id FROM docs WHERE {where}", [], schema_of).searches
+    assert not prepare(f"WITH plain AS (SELECT * FROM docs) SELECT _id FROM plain AS docs WHERE {where}", [], schema_of).searches
