@@ -15,7 +15,7 @@ from .lambdas import LAMBDAS, LambdaStore
 from .lambdas import routes as lambda_routes
 from .queries import MAX_CONCURRENT_QUERIES, QUERY_SLOTS, RESULT_PAGES, ResultPages
 from .queries import routes as query_routes
-from .routes import CATALOG, routes
+from .routes import CATALOG, revalidate_console, routes
 
 MAX_BODY_BYTES = 8 * 2**20
 
@@ -25,6 +25,7 @@ def make_app(data_dir: Path, keys: ApiKeys) -> web.Application:
     app.add_routes(routes)
     app.add_routes(query_routes)
     app.add_routes(lambda_routes)
+    app.on_response_prepare.append(revalidate_console)
 
     async def catalog_lifecycle(app: web.Application) -> AsyncIterator[None]:
         catalog = Catalog(data_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -16,6 +17,14 @@ from .specs import collection_json, integration_json, parse_collection, parse_in
 CATALOG = web.AppKey("catalog", Catalog)
 
 routes = web.RouteTableDef()
+
+# The console: static files, no build step, no API key (the page asks for it and sends it).
+CONSOLE_DIR = Path(__file__).parent / "static"
+# Everything the page loads comes from this server; no inline script can run.
+CONSOLE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 def _json_default(value: Any) -> Any:
@@ -50,6 +59,21 @@ def _render_collection(live: LiveCollection, deleted: bool = False) -> dict[str,
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     return respond({"status": "ok"})
+
+
+@routes.get("/")
+async def console(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(CONSOLE_DIR / "index.html", headers={"Content-Security-Policy": CONSOLE_CSP})
+
+
+routes.static("/static", CONSOLE_DIR)
+
+
+async def revalidate_console(request: web.Request, response: web.StreamResponse) -> None:
+    """The browser asks again each time (a 304 when unchanged), so an upgraded server never
+    runs with an old copy of some of the console's modules."""
+    if request.path == "/" or request.path.startswith("/static/"):
+        response.headers["Cache-Control"] = "no-cache"
 
 
 # ------------------------------------------------------------------ integrations
