@@ -103,7 +103,8 @@ def execute(
             batches.append(batch.to_pyarrow())
             if time.perf_counter() > deadline:
                 raise QueryTimeout(f"query exceeded its time limit of {timeout_s * 1000:.0f} ms")
-        table = pa.Table.from_batches(batches) if batches else frame.schema().empty_table()
+        # Not schema().empty_table(): pyarrow cannot make empty union columns that way.
+        table = pa.Table.from_batches(batches) if batches else pa.Table.from_batches([], schema=frame.schema())
     except Exception as error:
         if isinstance(error, QueryTimeout):
             raise

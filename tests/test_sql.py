@@ -126,3 +126,8 @@ async def test_arrays_unnest_to_one_row_per_element(run):
     assert rows == [{"tag": "new", "n": 2}, {"tag": "sale", "n": 1}]
     rows = run("SELECT _id, i.sku AS sku FROM (SELECT _id, unnest(items) AS i FROM orders) ORDER BY sku")
     assert rows == [{"_id": "d0", "sku": "s1"}, {"_id": "d0", "sku": "s2"}]
+
+
+async def test_no_rows_over_mixed_type_fields(run):
+    assert run("SELECT * FROM orders WHERE _id = 'nope'") == []
+    assert run("SELECT amount, mixed FROM orders WHERE tag = 'zzz'") == []
