@@ -31,8 +31,10 @@ class AwsAccess:
         return f"AwsAccess(role_arn={self.role_arn!r}, endpoint_url={self.endpoint_url!r})"
 
     @contextlib.asynccontextmanager
-    async def client(self, service: str, region: str) -> AsyncIterator:
-        """An aiobotocore client for `service`; with a role, through STS AssumeRole."""
+    async def client(self, service: str, region: str, config: AioConfig | None = None) -> AsyncIterator:
+        """An aiobotocore client for `service`; with a role, through STS AssumeRole.
+
+        `config` overrides the defaults above (the scan brings its own retry policy)."""
         session = get_session()
         keys = {}
         if self.access_key_id and self.secret_access_key:
@@ -40,7 +42,8 @@ class AwsAccess:
         if self.role_arn:
             keys = await self._assume_role(session, region, keys)
         async with session.create_client(
-            service, region_name=region, endpoint_url=self.endpoint_url, config=_CONFIG, **keys
+            service, region_name=region, endpoint_url=self.endpoint_url,
+            config=_CONFIG.merge(config) if config else _CONFIG, **keys
         ) as client:
             yield client
 

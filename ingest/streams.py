@@ -1,31 +1,88 @@
-"""Follows a DynamoDB stream, shard by shard, parent before child.
+"""Follows a DynamoDB stream: every shard, parent before child, from a saved position.
 
-The reader's position is a plain dict (`StreamPosition`), saved by the collection in the
-same manifest as the data it covers: `{"stream_arn", "shards": {shard_id: {"seq", "done"}}}`
-where `seq` is the last sequence number applied. A shard with no `seq` is read from
-TRIM_HORIZON; that is how the bulk load hands over: the position is taken before the scan
-and replays every change since, which only overwrites documents with the same or a newer
-state, so nothing written during the scan is lost.
+The reader's position is a plain dict, saved by the collection in the same manifest as the
+data it covers:
+
+    {"stream_arn": ...,
+     "shards": {shard_id: {"seq": last sequence number applied or None, "done": read to its end}},
+     "verified_at": epoch seconds of the DescribeStream whose shards the position holds}
+
+A shard with no `seq` is read from TRIM_HORIZON; that is how the bulk load hands over: the
+position is taken before the scan and replays every change since, which only overwrites
+documents with the same or a newer state, so nothing written during the scan is lost.
+
+What DynamoDB Streams requires (docs: shared facts §2), and how the reader honours it:
+
+- Lineage. A shard is read once its parent is done (read to its end), or when the parent is
+  no longer listed: an unlisted parent has expired, so all its records predate the position
+  and nothing is waited for. Children become readable in a later round than the one that
+  finished their parent, and the pipeline applies each round before asking for the next, so
+  an item's changes are applied in stream order across a split.
+- One reader per shard: each round reads every due shard once, in parallel; rounds never
+  overlap (DynamoDB throttles beyond two readers per shard).
+- Sequence numbers are decimal strings of varying length: compared as integers, and a record
+  at or below the saved one is never applied twice.
+- Expired iterators (15 minutes) are re-acquired after the last applied record.
+- Lost changes are never skipped silently: `TrimmedDataAccessException`, a shard that was in
+  the position but vanished before it was read to its end, or a position last verified longer
+  ago than the stream keeps records raise `StreamTrimmed`; the pipeline then rebuilds.
+- Polling: a shard that returned a full page is read again at once, one that returned records
+  after the poll interval, an idle one after a wait that doubles up to a small cap
+  (`idle_wait`), a throttled one (`LimitExceededException`) after an exponential wait with
+  jitter. New shards are found by DescribeStream every 10 s, and at once when a shard ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from shoal.index.collection import Change
 
 from .decode import decode_item, document_id
 
+# DynamoDB Streams keeps records 24 h; trimming may come a little early by our clock.
+RETENTION_S = 24 * 3600.0
+RETENTION_MARGIN_S = 30 * 60.0
 # New shards appear when DynamoDB splits one (about every 4 hours) or the table scales.
 DESCRIBE_INTERVAL_S = 10.0
+# While no shard is readable (children not listed yet), look again sooner.
+DESCRIBE_RETRY_S = 1.0
+# An idle reader re-saves its position this often, so a restart knows how current it was.
+VERIFIED_REFRESH_S = 600.0
 GET_RECORDS_LIMIT = 1000
+FULL_PAGE_BYTES = 900 * 1024  # GetRecords also stops at 1 MB
+MAX_PARALLEL_READS = 8  # below aiobotocore's 10 pooled connections
+IDLE_WAIT_CAP_S = 0.8  # a write after a quiet spell is still read within a second
+IDLE_WAIT_FACTOR = 4
+THROTTLE_WAIT_MIN_S = 0.1
+THROTTLE_WAIT_CAP_S = 5.0
 
 
 class StreamTrimmed(Exception):
     """Changes were lost: the position fell behind the stream's 24-hour retention."""
+
+
+class StreamEnded(Exception):
+    """The stream was disabled and every shard has been read to its end."""
+
+
+def idle_wait(poll_s: float, empty_reads: int) -> float:
+    """The wait before reading a shard again after `empty_reads` empty reads in a row: the poll
+    interval, doubling, capped at a few poll intervals and at IDLE_WAIT_CAP_S (never below
+    the poll interval itself)."""
+    cap = max(poll_s, min(poll_s * IDLE_WAIT_FACTOR, IDLE_WAIT_CAP_S))
+    return min(cap, poll_s * 2 ** max(0, empty_reads - 1))
+
+
+def throttle_wait(poll_s: float, throttles: int) -> float:
+    """The wait after `throttles` LimitExceededException in a row: exponential, jittered."""
+    ceiling = min(THROTTLE_WAIT_CAP_S, max(poll_s, THROTTLE_WAIT_MIN_S) * 2 ** max(0, throttles - 1))
+    return random.uniform(ceiling / 2, ceiling)
 
 
 def change_from_record(record: dict[str, Any], key_names: tuple[str, ...], table_name: str) -> Change:
@@ -50,82 +107,210 @@ def change_from_record(record: dict[str, Any], key_names: tuple[str, ...], table
 @dataclass
 class ReadResult:
     changes: list[Change]
-    position: dict[str, Any]
-    newest_event_time_us: int | None = None
-    caught_up: bool = False  # every open shard returned nothing new
+    position: dict[str, Any]  # covers exactly `changes` (and everything before)
+    caught_up: bool  # every readable shard's last read found nothing new
+    lag_ms: int | None  # the slowest readable shard: now minus its last record's creation time
 
 
 @dataclass
+class _Shard:
+    """What the reader knows of a listed shard beyond its saved position."""
+
+    parent: str | None
+    iterator: str | None = None
+    due: float = 0.0  # monotonic time of its next read
+    empty_reads: int = 0
+    throttles: int = 0
+    at_tip: bool = False
+    lag_ms: int | None = None
+
+
+@dataclass
+class _Page:
+    records: list[dict[str, Any]]
+    ended: bool  # no NextShardIterator: the shard is closed and read to its end
+
+
 class StreamReader:
-    client: Any
-    position: dict[str, Any]
-    key_names: tuple[str, ...]
-    table_name: str
-    _parents: dict[str, str | None] = field(default_factory=dict)
-    _iterators: dict[str, str] = field(default_factory=dict)
-    _described_at: float = 0.0
+    """Reads one stream from `position`. After `read` raises, make a new reader from the saved
+    position: this one may hold iterators past what was applied."""
 
-    async def _describe(self) -> None:
-        """Learn the stream's shards and their parents (paginated)."""
-        arn = self.position["stream_arn"]
-        shards_state = self.position["shards"]
-        request: dict[str, Any] = {"StreamArn": arn}
-        listed: dict[str, str | None] = {}
-        while True:
-            description = (await self.client.describe_stream(**request))["StreamDescription"]
-            for shard in description.get("Shards", []):
-                listed[shard["ShardId"]] = shard.get("ParentShardId")
-            last = description.get("LastEvaluatedShardId")
-            if not last:
-                break
-            request["ExclusiveStartShardId"] = last
-        self._parents = listed
-        for shard_id in listed:
-            shards_state.setdefault(shard_id, {"seq": None, "done": False})
-        self._described_at = time.monotonic()
+    def __init__(
+        self, client: Any, position: dict[str, Any], key_names: tuple[str, ...], table_name: str, poll_interval_s: float
+    ) -> None:
+        self.client = client
+        self.position = position
+        self.key_names = key_names
+        self.table_name = table_name
+        self.poll_interval_s = poll_interval_s
+        self.throttled_requests = 0
+        self._shards: dict[str, _Shard] = {}  # listed by the last DescribeStream, in its order
+        self._listed_at: float | None = None  # wall-clock time of that DescribeStream
+        self._stream_enabled = True
+        self._describe_due = 0.0
+        self._age_checked = False
+        self._parallel = asyncio.Semaphore(MAX_PARALLEL_READS)
 
-    def _ready_shards(self) -> list[str]:
-        """Open shards whose parent is finished or no longer listed (trimmed away: never wait on it)."""
-        shards_state = self.position["shards"]
-        ready = []
-        for shard_id, parent in self._parents.items():
-            if shards_state[shard_id]["done"]:
-                continue
-            if parent is not None and parent in self._parents and not shards_state[parent]["done"]:
-                continue
-            ready.append(shard_id)
-        return ready
+    # ------------------------------------------------------------------ one round
 
     async def read(self) -> ReadResult:
-        """One round over the ready shards. The returned position covers the returned changes."""
-        if time.monotonic() - self._described_at > DESCRIBE_INTERVAL_S:
-            await self._describe()
+        """Wait until a shard is due, then read every due shard once."""
+        if not self._age_checked:
+            self._check_age()
+            self._age_checked = True
+        await self._wait_for_due()
+        changed = False
+        if time.monotonic() >= self._describe_due:
+            changed = await self._describe()
+        if not self._stream_enabled and all(state["done"] for state in self.position["shards"].values()):
+            raise StreamEnded(f"the stream {self.position['stream_arn']} was disabled and has been read to its end")
+        now = time.monotonic()
+        due = [shard_id for shard_id in self._readable() if self._shards[shard_id].due <= now]
+        pages = await asyncio.gather(*(self._read_shard(shard_id) for shard_id in due), return_exceptions=True)
+        for page in pages:
+            if isinstance(page, BaseException):
+                raise page
         changes: list[Change] = []
-        newest = None
-        caught_up = True
-        for shard_id in self._ready_shards():
-            state = self.position["shards"][shard_id]
-            iterator = self._iterators.pop(shard_id, None) or await self._iterator(shard_id, state["seq"])
-            try:
-                response = await self.client.get_records(ShardIterator=iterator, Limit=GET_RECORDS_LIMIT)
-            except self.client.exceptions.ExpiredIteratorException:
-                continue  # re-acquired at the saved position next round
-            except self.client.exceptions.TrimmedDataAccessException as error:
-                raise StreamTrimmed(f"shard {shard_id} was trimmed past the saved position") from error
-            records = response.get("Records", [])
-            for record in records:
-                change = change_from_record(record, self.key_names, self.table_name)
-                changes.append(change)
-                newest = max(newest or 0, change.event_time_us)
-            if records:
-                state["seq"] = records[-1]["dynamodb"]["SequenceNumber"]
-                caught_up = False
-            next_iterator = response.get("NextShardIterator")
-            if next_iterator is None:
-                state["done"] = True  # a closed shard read to its end
-            else:
-                self._iterators[shard_id] = next_iterator
-        return ReadResult(changes, copy.deepcopy(self.position), newest, caught_up)
+        for shard_id, page in zip(due, pages):
+            if page is not None:
+                changes.extend(self._take(shard_id, page))
+                changed = changed or bool(page.records) or page.ended
+        self._refresh_verified(changed)
+        return ReadResult(changes, copy.deepcopy(self.position), self._caught_up(), self._lag_ms())
+
+    def shard_status(self) -> list[dict[str, Any]]:
+        """Per listed shard: where the reader is, for the collection's status."""
+        states = self.position["shards"]
+        return [
+            {
+                "shard_id": shard_id,
+                "parent_shard_id": shard.parent,
+                "last_sequence_number": states[shard_id]["seq"],
+                "done": states[shard_id]["done"],
+                "lag_ms": shard.lag_ms,
+            }
+            for shard_id, shard in self._shards.items()
+        ]
+
+    def _check_age(self) -> None:
+        verified_at = self.position.get("verified_at")  # absent only in positions saved before it existed
+        if verified_at is None:
+            return
+        age = time.time() - verified_at
+        if age > RETENTION_S - RETENTION_MARGIN_S:
+            raise StreamTrimmed(
+                f"the saved stream position was last confirmed {age / 3600:.1f} hours ago and the stream keeps "
+                "changes for 24 hours, so some were trimmed unread"
+            )
+
+    async def _wait_for_due(self) -> None:
+        due = [self._shards[shard_id].due for shard_id in self._readable()]
+        delay = min([*due, self._describe_due]) - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _readable(self) -> list[str]:
+        """Listed shards not done whose parent is done or no longer listed (expired: never wait on it)."""
+        states = self.position["shards"]
+        return [
+            shard_id
+            for shard_id, shard in self._shards.items()
+            if not states[shard_id]["done"]
+            and (shard.parent is None or shard.parent not in self._shards or states[shard.parent]["done"])
+        ]
+
+    def _caught_up(self) -> bool:
+        readable = self._readable()  # none while a finished parent's children are not listed yet
+        return bool(readable) and all(self._shards[shard_id].at_tip for shard_id in readable)
+
+    def _lag_ms(self) -> int | None:
+        lags = [self._shards[s].lag_ms for s in self._readable() if self._shards[s].lag_ms is not None]
+        return max(lags) if lags else None
+
+    def _refresh_verified(self, changed: bool) -> None:
+        """Stamp the position with its DescribeStream's time when it is saved anyway, and at
+        least every VERIFIED_REFRESH_S (which makes the pipeline save it)."""
+        if self._listed_at is None:
+            return
+        stale = time.time() - self.position.get("verified_at", 0.0) > VERIFIED_REFRESH_S
+        if changed or stale:
+            self.position["verified_at"] = self._listed_at
+
+    # ------------------------------------------------------------------ shards
+
+    async def _describe(self) -> bool:
+        """Learn the stream's shards and their parents (paginated); forget finished shards that
+        expired. Returns whether the position changed."""
+        listed: dict[str, str | None] = {}
+        request: dict[str, Any] = {"StreamArn": self.position["stream_arn"]}
+        listed_at = time.time()
+        try:
+            while True:
+                description = (await self.client.describe_stream(**request))["StreamDescription"]
+                for shard in description.get("Shards", []):
+                    listed[shard["ShardId"]] = shard.get("ParentShardId")
+                if not description.get("LastEvaluatedShardId"):
+                    break
+                request["ExclusiveStartShardId"] = description["LastEvaluatedShardId"]
+        except self.client.exceptions.LimitExceededException:
+            self.throttled_requests += 1
+            self._describe_due = time.monotonic() + throttle_wait(self.poll_interval_s, 1)
+            return False
+        states = self.position["shards"]
+        changed = False
+        for shard_id, state in list(states.items()):
+            if shard_id in listed:
+                continue
+            if not state["done"]:
+                raise StreamTrimmed(
+                    f"shard {shard_id} expired before it was read to its end "
+                    f"(last sequence number read: {state['seq'] or 'none'})"
+                )
+            del states[shard_id]  # finished, and now past retention
+            changed = True
+        for shard_id, parent in listed.items():
+            if shard_id not in states:
+                states[shard_id] = {"seq": None, "done": False}
+                changed = True
+        self._shards = {shard_id: self._shards.get(shard_id) or _Shard(parent) for shard_id, parent in listed.items()}
+        self._stream_enabled = description.get("StreamStatus", "ENABLED") in ("ENABLED", "ENABLING")
+        self._listed_at = listed_at
+        retry = DESCRIBE_INTERVAL_S if self._readable() else DESCRIBE_RETRY_S
+        self._describe_due = time.monotonic() + retry
+        return changed
+
+    async def _read_shard(self, shard_id: str) -> _Page | None:
+        """One GetRecords (re-acquiring an expired iterator once); None when the shard could
+        not be read this round (it is rescheduled)."""
+        shard = self._shards[shard_id]
+        seq = self.position["shards"][shard_id]["seq"]
+        async with self._parallel:
+            for attempt in (1, 2):
+                try:
+                    if shard.iterator is None:
+                        shard.iterator = await self._iterator(shard_id, seq)
+                    response = await self.client.get_records(ShardIterator=shard.iterator, Limit=GET_RECORDS_LIMIT)
+                except self.client.exceptions.ExpiredIteratorException:
+                    shard.iterator = None  # re-acquired after the last applied record
+                    if attempt == 2:
+                        shard.due = time.monotonic() + self.poll_interval_s
+                        return None
+                    continue
+                except self.client.exceptions.LimitExceededException:
+                    self.throttled_requests += 1
+                    shard.throttles += 1
+                    shard.at_tip = False
+                    shard.due = time.monotonic() + throttle_wait(self.poll_interval_s, shard.throttles)
+                    return None
+                except self.client.exceptions.TrimmedDataAccessException as error:
+                    raise StreamTrimmed(
+                        f"the stream was trimmed past the saved position of shard {shard_id} "
+                        f"(sequence number {seq or 'TRIM_HORIZON'}): changes after it were lost"
+                    ) from error
+                shard.throttles = 0
+                shard.iterator = response.get("NextShardIterator")
+                return _Page(response.get("Records", []), ended=shard.iterator is None)
+        raise AssertionError("unreachable")
 
     async def _iterator(self, shard_id: str, seq: str | None) -> str:
         request = {"StreamArn": self.position["stream_arn"], "ShardId": shard_id}
@@ -134,7 +319,28 @@ class StreamReader:
         else:
             request["ShardIteratorType"] = "AFTER_SEQUENCE_NUMBER"
             request["SequenceNumber"] = seq
-        try:
-            return (await self.client.get_shard_iterator(**request))["ShardIterator"]
-        except self.client.exceptions.TrimmedDataAccessException as error:
-            raise StreamTrimmed(f"shard {shard_id} was trimmed past the saved position") from error
+        return (await self.client.get_shard_iterator(**request))["ShardIterator"]
+
+    def _take(self, shard_id: str, page: _Page) -> list[Change]:
+        """The page's new records as changes; advances the shard's position and schedule."""
+        shard, state = self._shards[shard_id], self.position["shards"][shard_id]
+        last = int(state["seq"]) if state["seq"] is not None else -1
+        records = [r for r in page.records if int(r["dynamodb"]["SequenceNumber"]) > last]
+        changes = [change_from_record(record, self.key_names, self.table_name) for record in records]
+        now = time.monotonic()
+        if records:
+            state["seq"] = records[-1]["dynamodb"]["SequenceNumber"]
+            full = len(page.records) >= GET_RECORDS_LIMIT or sum(
+                r["dynamodb"].get("SizeBytes", 0) for r in page.records
+            ) >= FULL_PAGE_BYTES
+            shard.due = now if full else now + self.poll_interval_s
+            shard.empty_reads, shard.at_tip = 0, False
+            shard.lag_ms = max(0, int(time.time() * 1000 - changes[-1].event_time_us / 1000))
+        else:
+            shard.empty_reads += 1
+            shard.due = now + idle_wait(self.poll_interval_s, shard.empty_reads)
+            shard.at_tip, shard.lag_ms = True, 0
+        if page.ended:
+            state["done"] = True
+            self._describe_due = now  # its children are listed by now
+        return changes

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from shoal.ingest.aws import AwsAccess
-from shoal.ingest.pipeline import DEFAULT_RCU, SourceConfig, SourceStatus
+from shoal.ingest.pipeline import SourceConfig, SourceStatus
 from shoal.sql.mapping import FieldMapping
 from shoal.sql.planner import QueryError
 
@@ -211,6 +211,14 @@ def collection_from_disk(data: dict[str, Any]) -> CollectionSpec:
     return CollectionSpec(**{**data, "source": SourceConfig(**data["source"])})
 
 
+def _source_state(status: SourceStatus) -> str:
+    if status.error:
+        return "ERROR"
+    if status.rebuilding:
+        return "REBUILDING"
+    return "WATCHING" if status.caught_up else "INITIALIZING"
+
+
 def collection_json(spec: CollectionSpec, status: SourceStatus, doc_count: int, total_size: int, deleted: bool = False) -> dict[str, Any]:
     source = spec.source
     if deleted:
@@ -230,8 +238,9 @@ def collection_json(spec: CollectionSpec, status: SourceStatus, doc_count: int, 
                 "dynamodb": {
                     "table_name": source.table_name,
                     "aws_region": source.region,
-                    "rcu": source.rcu if source.rcu is not None else DEFAULT_RCU,
+                    "rcu": source.rcu,  # null: chosen from the table (status.scan_rcu_budget)
                     "use_scan_api": source.use_scan_api,
+                    "settings": {"dynamodb_stream_poll_frequency": f"PT{source.poll_interval_s:g}S"},
                     "current_status": {
                         "state": status.state,
                         "initial_dump_completion_percentage": round(status.completion_percentage, 2),
@@ -241,13 +250,17 @@ def collection_json(spec: CollectionSpec, status: SourceStatus, doc_count: int, 
                         "scan_end_time": status.scan_end_time,
                         "scan_records_processed": status.scan_records_processed,
                         "scan_total_records": status.scan_total_records,
+                        "scan_rcu_budget": status.scan_rcu_budget,
+                        "scan_rcu_per_second": status.scan_rcu_per_second,
+                        "scan_throttled_requests": status.scan_throttled_requests,
                         "state": status.state,
                         "stream_last_processed_at": status.stream_last_processed_at,
+                        "stream_shards": status.stream_shards,
                     },
                 },
                 "status": {
-                    "state": "ERROR" if status.error else ("WATCHING" if status.caught_up else "INITIALIZING"),
-                    "message": status.error,
+                    "state": _source_state(status),
+                    "message": status.error or status.rebuilding,
                     "last_error_at": status.error_at,
                     "retries": status.retries,
                 },
