@@ -27,7 +27,7 @@ had, and `conform` rewrites an older array into the merged type at query time.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 

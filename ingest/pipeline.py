@@ -130,6 +130,8 @@ class SourcePipeline:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - every fault is surfaced, then retried
+                if self.status.error is None:  # it had recovered since the last fault: back off from the start
+                    backoff = 1.0
                 self.status.error = _describe_error(error)
                 self.status.error_at = _now_iso()
                 self.status.retries += 1

@@ -53,9 +53,10 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
+
+from support import LoopbackServer
 
 STREAMS_PREFIX = "DynamoDBStreams_20120810."
 DYNAMODB_PREFIX = "DynamoDB_20120810."
@@ -128,15 +129,17 @@ def key_hash(keys: dict[str, Any]) -> int:
     return zlib.crc32(orjson.dumps(keys, option=orjson.OPT_SORT_KEYS)) % HASH_SPACE
 
 
-class StreamsDouble:
+class StreamsDouble(LoopbackServer):
     """See the module docstring. `start()` returns once it listens on `url`; `stop()` ends it."""
+
+    name = "streams double"
 
     def __init__(self, dynamodb_url: str | None = None, first_sequence_number: int = 10**21 - 1500,
                  describe_page_size: int = 100, read_delay_s: float = 0.0) -> None:
+        super().__init__()
         self.dynamodb_url = dynamodb_url.rstrip("/") if dynamodb_url else None
         self.describe_page_size = describe_page_size
         self.read_delay_s = read_delay_s
-        self.url = ""
         self._next_seq = first_sequence_number
         self._lock = threading.Lock()
         self._streams: dict[str, Stream] = {}
@@ -149,9 +152,6 @@ class StreamsDouble:
         self._scans_open.set()
         self._mirrors: dict[str, float] = {}  # table → monotonic time its moto stream was last found drained
         self._feeders: list[asyncio.Task] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping: asyncio.Event | None = None
         # What it served, for the tests to check.
         self.calls: collections.Counter[str] = collections.Counter()
         self.throttled = 0
@@ -162,45 +162,14 @@ class StreamsDouble:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "StreamsDouble":
-        ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main(ready)), name="streams-double", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("the streams double did not start")
-        return self
-
     def stop(self) -> None:
-        self._scans_open.set()
-        if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        if self._thread is not None:
-            self._thread.join(10)
+        self._scans_open.set()  # a held Scan must not keep the server from closing
+        super().stop()
 
-    def __enter__(self) -> "StreamsDouble":
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    async def _main(self, ready: threading.Event) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        app = web.Application(client_max_size=64 * 2**20)
-        app.router.add_post("/", self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            self._session = session
-            ready.set()
-            await self._stopping.wait()
-            for feeder in self._feeders:
-                feeder.cancel()
-            await asyncio.gather(*self._feeders, return_exceptions=True)
-        await runner.cleanup()
+    async def _closing(self) -> None:
+        for feeder in self._feeders:
+            feeder.cancel()
+        await asyncio.gather(*self._feeders, return_exceptions=True)
 
     # ------------------------------------------------------------------ scripting (test thread)
 

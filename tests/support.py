@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 import boto3
+from aiohttp import web
 from botocore.config import Config
 
 AWS_ENV = {
@@ -636,3 +638,61 @@ def compare_collection(rows: list[dict], model: dict[str, dict], max_report: int
         if len(problems) >= max_report:
             break
     return problems[:max_report]
+
+
+class LoopbackServer:
+    """An aiohttp server on 127.0.0.1 with its own thread and event loop, for the test doubles
+    that speak an AWS protocol. Subclasses answer every POST in `_handle` (with
+    `self._session` to reach a real endpoint) and may end their own tasks in `_closing`."""
+
+    name = "loopback-server"
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping: asyncio.Event | None = None
+
+    def start(self):
+        ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main(ready)), name=self.name, daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError(f"the {self.name} did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+    async def _closing(self) -> None:
+        """Called on the server's loop when it stops, before it closes."""
+
+    async def _main(self, ready: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_post("/", self._handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            self._session = session
+            ready.set()
+            await self._stopping.wait()
+            await self._closing()
+        await runner.cleanup()

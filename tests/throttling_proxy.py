@@ -32,17 +32,16 @@ boto3) never stall the requests it serves.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import math
-import threading
 import time
 import zlib
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
+
+from support import LoopbackServer
 
 SCAN_TARGET = "DynamoDB_20120810.Scan"
 THROTTLE_TYPE = "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException"
@@ -103,18 +102,17 @@ def scan_capacity(items: list[dict[str, Any]], consistent: bool) -> float:
 # ---------------------------------------------------------------------------- the proxy
 
 
-class ThrottlingProxy:
+class ThrottlingProxy(LoopbackServer):
     """See the module docstring. `start()` returns once it listens on `url`; `stop()` ends it."""
 
+    name = "throttling proxy"
+
     def __init__(self, target_url: str, rcu_per_second: float, burst_seconds: float = 1.0) -> None:
+        super().__init__()
         self.target_url = target_url.rstrip("/")
         self.rcu_per_second = float(rcu_per_second)
         self.burst_seconds = burst_seconds
-        self.url = ""
         self._buckets: dict[str, tuple[float, float]] = {}  # table → (tokens, refilled at)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping: asyncio.Event | None = None
         self.reset_counts()
 
     # -- measurements (written by the proxy's thread; ints and list appends are safe to read)
@@ -136,48 +134,6 @@ class ThrottlingProxy:
         if burst_seconds is not None:
             self.burst_seconds = burst_seconds
         self._buckets = {}
-
-    # -- lifecycle
-
-    def start(self) -> "ThrottlingProxy":
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(ready,), name="throttling-proxy", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("the throttling proxy did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def __enter__(self) -> "ThrottlingProxy":
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _serve(self, ready: threading.Event) -> None:
-        asyncio.run(self._main(ready))
-
-    async def _main(self, ready: threading.Event) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        app = web.Application(client_max_size=64 * 2**20)
-        app.router.add_post("/", self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60), auto_decompress=True) as session:
-            self._session = session
-            ready.set()
-            await self._stopping.wait()
-        await runner.cleanup()
 
     # -- requests
 
