@@ -21,6 +21,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.postgres import Postgres
 from sqlglot.errors import ParseError
+from sqlglot.tokens import TokenType
 
 from shoal.index.collection import SCORE_COLUMN
 from shoal.index.doctypes import type_name
@@ -41,6 +42,17 @@ class _Dialect(Postgres):
 
     class Parser(Postgres.Parser):
         FUNCTIONS = {**Postgres.Parser.FUNCTIONS, **{n: _rockset_function(n) for n in ("SEARCH", "CONTAINS", "PHRASE")}}
+
+        def _parse_unnest(self, with_alias: bool = True) -> exp.Unnest | None:
+            """Also Rockset's `UNNEST(tags AS tag)`: the element column's name inside the call."""
+            if not self._match_pair(TokenType.UNNEST, TokenType.L_PAREN, advance=False):
+                return None
+            self._advance()
+            expressions = self._parse_wrapped_csv(lambda: self._parse_alias(self._parse_equality(), explicit=True))
+            if self._match_pair(TokenType.WITH, TokenType.ORDINALITY):
+                self.raise_error("UNNEST ... WITH ORDINALITY is not supported")
+            alias = self._parse_table_alias() if with_alias else None
+            return self.expression(exp.Unnest(expressions=expressions, alias=alias))
 
 
 _DIALECT = _Dialect
@@ -79,11 +91,12 @@ SchemaLookup = Callable[[str, str], pa.Schema | None]
 def prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLookup) -> PreparedQuery:
     """Validate `query`, bind `parameters`, rewrite what DataFusion cannot say itself."""
     tree = parse_single_query(query)
+    changed = _rewrite_lateral_unnest(tree)
     collections = _collections(tree)
     for workspace, name in collections:
         if schema_of(workspace, name) is None:
             raise QueryError(f"collection '{workspace}.{name}' does not exist")
-    changed = _bind_parameters(tree, parameters)
+    changed |= _bind_parameters(tree, parameters)
     names = _output_names(tree)
     searches = _plan_searches(tree, schema_of)
     changed |= bool(searches)
@@ -135,6 +148,66 @@ def parse_single_query(query: str) -> exp.Expression:
         if isinstance(node, (exp.DDL, exp.DML, exp.Command, exp.Set, exp.Into)):
             raise QueryError(f"only queries are allowed, found {node.key.upper()}")
     return tree
+
+
+# The column that joins an unnested element back to its document (see _rewrite_lateral_unnest).
+_UNNEST_KEY = "_unnest_of"
+
+
+def _rewrite_lateral_unnest(tree: exp.Expression) -> bool:
+    """Rockset's `FROM c CROSS JOIN UNNEST(c.tags AS tag) AS u`: one row per element, next to
+    its document. DataFusion cannot unnest a column of another FROM item, so the UNNEST
+    becomes a subquery over the same collection, joined back by `_id`:
+    `JOIN (SELECT _id AS _unnest_of, unnest(tags) AS tag FROM c) AS u ON u._unnest_of = c._id`,
+    and `*` lists the element column rather than the join key. A document whose array is
+    empty or missing yields no row, as in Rockset."""
+    changed = False
+    for select in list(tree.find_all(exp.Select)):
+        joins = select.args.get("joins") or []
+        for number, join in enumerate(joins):
+            unnest = join.this
+            if not isinstance(unnest, exp.Unnest) or not any(isinstance(e, exp.Column) and e.table for e in unnest.find_all(exp.Column)):
+                continue  # UNNEST of a literal array is DataFusion's own
+            if len(unnest.expressions) != 1:
+                raise QueryError("UNNEST takes one array field, e.g. CROSS JOIN UNNEST(c.tags AS tag)")
+            array = unnest.expressions[0]
+            element = array.alias if isinstance(array, exp.Alias) else "unnest"
+            array = array.this if isinstance(array, exp.Alias) else array
+            source = _unnest_source(select, array)
+            alias = unnest.alias or f"_unnest{number}"
+            path = array.copy()
+            for column in path.find_all(exp.Column):
+                column.set("table", None)
+            table = source.copy()
+            table.set("alias", None)
+            subquery = (
+                exp.select(exp.alias_(exp.column("_id"), _UNNEST_KEY), exp.alias_(exp.func("unnest", path), element, quoted=True))
+                .from_(table)
+                .subquery(alias)
+            )
+            on = exp.EQ(this=exp.column(_UNNEST_KEY, table=alias), expression=exp.column("_id", table=source.alias_or_name))
+            join.replace(exp.Join(this=subquery, on=on))
+            if any(isinstance(e, exp.Star) for e in select.expressions):
+                others = [s for s in _from_items(select) if s.alias_or_name != alias]
+                stars = [exp.column(exp.Star(), table=s.alias_or_name) for s in others]
+                stars.append(exp.column(element, table=alias, quoted=True))
+                select.set("expressions", [x for e in select.expressions for x in (stars if isinstance(e, exp.Star) else [e])])
+            changed = True
+    return changed
+
+
+def _unnest_source(select: exp.Select, array: exp.Expression) -> exp.Table:
+    """The collection (a FROM item of `select`) whose field `array` is."""
+    qualifiers = {column.table for column in array.find_all(exp.Column)}
+    for source in _from_items(select):
+        if isinstance(source, exp.Table) and source.alias_or_name in qualifiers:
+            return source
+    raise QueryError(f"UNNEST({array.sql(dialect=_DIALECT)}): name the array by a collection in FROM, "
+                     "e.g. FROM orders o CROSS JOIN UNNEST(o.tags AS tag)")
+
+
+def _from_items(select: exp.Select) -> list[exp.Expression]:
+    return [select.args["from_"].this, *(join.this for join in select.args.get("joins") or [])]
 
 
 def _collections(tree: exp.Expression) -> list[tuple[str, str]]:
@@ -450,7 +523,7 @@ def _rewrite_mixed_numbers(tree: exp.Expression, collections: list[tuple[str, st
 def _field_type(node: exp.Expression, collections: list[tuple[str, str]], schema_of: SchemaLookup) -> pa.DataType | None:
     """Resolve `a`, `t.a`, `a.b.c`, `a['b']` against the collections' schemas."""
     path = _path(node)
-    if path is None:
+    if path is None or _of_derived_table(node):
         return None
     for workspace, name in collections:
         schema = schema_of(workspace, name)
@@ -462,6 +535,17 @@ def _field_type(node: exp.Expression, collections: list[tuple[str, str]], schema
             if arrow_type is not None:
                 return arrow_type
     return None
+
+
+def _of_derived_table(node: exp.Expression) -> bool:
+    """Whether `node` names a column of a subquery or CTE (`u.tag` of an UNNEST): its type is
+    not a collection field's, even when a field has the same name."""
+    column = node if isinstance(node, exp.Column) else next(node.find_all(exp.Column), None)
+    if column is None or not column.table:
+        return False
+    root = node.root()
+    derived = {s.alias for s in root.find_all(exp.Subquery) if s.alias} | {c.alias_or_name for c in root.find_all(exp.CTE)}
+    return column.table in derived
 
 
 def _path(node: exp.Expression) -> list[str] | None:

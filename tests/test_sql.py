@@ -128,6 +128,28 @@ async def test_arrays_unnest_to_one_row_per_element(run):
     assert rows == [{"_id": "d0", "sku": "s1"}, {"_id": "d0", "sku": "s2"}]
 
 
+async def test_rockset_unnest_gives_each_element_beside_its_document(run):
+    rows = run("SELECT o._id, t.tag FROM orders o CROSS JOIN UNNEST(o.tags AS tag) AS t ORDER BY o._id, t.tag")
+    assert rows == [{"_id": "d0", "tag": "new"}, {"_id": "d0", "tag": "sale"}, {"_id": "d1", "tag": "new"}]
+    rows = run("SELECT label, COUNT(*) AS n FROM orders CROSS JOIN UNNEST(orders.tags AS label) WHERE amount > 5 GROUP BY label ORDER BY label")
+    assert rows == [{"label": "new", "n": 1}, {"label": "sale", "n": 1}]
+    rows = run("SELECT i.item.sku AS sku, o.city.name AS city FROM orders o CROSS JOIN UNNEST(o.items AS item) i ORDER BY sku")
+    assert rows == [{"sku": "s1", "city": "Oslo"}, {"sku": "s2", "city": "Oslo"}]
+    rows = run("SELECT * FROM orders o CROSS JOIN UNNEST(o.tags AS label) u WHERE o._id = 'd1'")
+    assert [(row["_id"], row["tag"], row["label"]) for row in rows] == [("d1", "b", "new")]
+    assert "_unnest_of" not in rows[0]
+    # The element column is typed as the array's elements, not as a field of the same name.
+    rows = run("SELECT o._id FROM orders o CROSS JOIN UNNEST(o.tags AS mixed) u WHERE u.mixed = 'sale'")
+    assert rows == [{"_id": "d0"}]
+
+
+async def test_unnest_of_an_unknown_source_is_a_query_error(run):
+    with pytest.raises(QueryError, match="name the array by a collection"):
+        run("SELECT * FROM orders o CROSS JOIN UNNEST(x.tags AS tag)")
+    with pytest.raises(QueryError, match="ORDINALITY"):
+        run("SELECT * FROM orders o CROSS JOIN UNNEST(o.tags AS tag) WITH ORDINALITY")
+
+
 async def test_no_rows_over_mixed_type_fields(run):
     assert run("SELECT * FROM orders WHERE _id = 'nope'") == []
     assert run("SELECT amount, mixed FROM orders WHERE tag = 'zzz'") == []
