@@ -8,7 +8,8 @@ Queries read whichever snapshot was published when they started, so they never s
 refresh, and a restart resumes from a checkpoint that matches the data on disk exactly.
 
 On disk (`directory/`): `manifest.json` (generation, segments, deletion-mask files, the
-checkpoint), `seg-N.arrow` (written once), `seg-N.del.G` (mask as of generation G), `text/`.
+checkpoint), `seg-N.arrow` (written once), `seg-N.del.G` (mask as of generation G), `text/`,
+and `tombstones.sqlite` once `apply_newer` has been used (`shoal.index.tombstones`).
 The manifest is replaced atomically (write, fsync, rename); files it no longer names are
 removed after it is replaced.
 """
@@ -16,18 +17,25 @@ removed after it is replaced.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
+import weakref
+from concurrent import futures
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .doctypes import build_columns, merge_types, null_array
-from .segment import HIDDEN_NAMES, SYSTEM_FIELDS, SYSTEM_NAMES, Segment, SegmentView, conform_batch, write_fsync
+from .segment import (HIDDEN_NAMES, SYSTEM_FIELDS, SYSTEM_NAMES, Segment, SegmentView, conform_batch, write_durably,
+                      write_fsync)
 from .textindex import TextIndex, TextPredicate, TextSearcher
+from .tombstones import Tombstones
 
 MANIFEST = "manifest.json"
 # The relevance of each document in a search result (BM25), as SQL's SCORE() reads it.
@@ -37,6 +45,11 @@ SCORE_COLUMN = "_score"
 MAX_SEGMENTS = 12
 TARGET_SEGMENTS = 4
 MAX_DEAD_FRACTION = 0.5
+# A bulk load stores what it read with the time it read it, by Shoal's clock: not a version
+# that a change's own timestamp could be compared with (see `Collection.apply_newer`).
+UNVERSIONED_EVENT = "SCAN"
+# How often `apply_newer` prunes expired tombstones.
+TOMBSTONE_PRUNE_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +115,8 @@ class Collection:
         self._deletes_file: dict[int, str] = {}  # segment id → its persisted deletion mask
         self.last_refresh_at: float | None = None
         self._load()
+        self._tombstones = Tombstones.open(directory, self._generation)  # drops those of an unfinished refresh
+        self._tombstones_pruned_at = 0.0
 
     # ------------------------------------------------------------------ reading
 
@@ -114,7 +129,9 @@ class Collection:
 
     @property
     def total_size(self) -> int:
-        return sum(view.segment.batch.nbytes for view in self._snapshot.views)
+        # Not `nbytes`: pyarrow 26 segfaults on it for a segment read back from its IPC file
+        # that holds an empty sparse union (e.g. list<union> with only empty or null lists).
+        return sum(view.segment.batch.get_total_buffer_size() for view in self._snapshot.views)
 
     # ------------------------------------------------------------------ opening
 
@@ -178,13 +195,29 @@ class Collection:
         """Wait for a refresh in progress, then release the index. The collection is unusable after."""
         async with self._lock:
             self._text.close()
+            if self._tombstones is not None:
+                self._tombstones.close()
 
     # ------------------------------------------------------------------ writing
 
     async def apply(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None) -> None:
         """Apply `changes` in order and persist them with `checkpoint`, then publish."""
+        await self._one_refresh(self._apply, changes, checkpoint)
+
+    async def apply_newer(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None,
+                          keep_tombstones_s: float) -> None:
+        """`apply` for a source that may deliver an item's changes duplicated or out of order:
+        newer wins, by `event_time_us`. A change is dropped when its item's stored version is
+        newer: the stored document's `_event_time` (unless a bulk load wrote it: any change
+        replaces that), or else the item's newest tombstone. Ties go to the change that comes
+        later (in `changes`, or in a later call), so an item's changes in source order still
+        apply when their timestamps are equal. Deletes leave tombstones, kept at least
+        `keep_tombstones_s` (the source's retention) and persisted with the refresh."""
+        await self._one_refresh(self._apply_newer, changes, checkpoint, keep_tombstones_s)
+
+    async def _one_refresh(self, work: Callable[..., None], *arguments: Any) -> None:
         async with self._lock:
-            refresh = asyncio.ensure_future(asyncio.to_thread(self._apply, changes, checkpoint))
+            refresh = asyncio.ensure_future(asyncio.to_thread(work, *arguments))
             try:
                 await asyncio.shield(refresh)
             except asyncio.CancelledError:
@@ -203,6 +236,51 @@ class Collection:
             self._load()
             raise
 
+    def _apply_newer(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None,
+                     keep_tombstones_s: float) -> None:
+        if self._tombstones is None:
+            self._tombstones = Tombstones.open(self.directory, self._generation, create=True)
+        kept = self._newer_changes(changes)
+        deletions = {change.id: change.event_time_us for change in kept if change.doc is None}
+        self._tombstones.add(deletions, self._generation + 1)  # committed before the manifest that covers them
+        try:
+            self._apply(kept, checkpoint)
+        except BaseException:
+            self._tombstones.discard_after(self._generation)  # `_apply` went back to the last manifest
+            raise
+        if time.time() - self._tombstones_pruned_at > TOMBSTONE_PRUNE_INTERVAL_S:
+            self._tombstones.prune(int((time.time() - keep_tombstones_s) * 1_000_000))
+            self._tombstones_pruned_at = time.time()
+
+    def _newer_changes(self, changes: Sequence[Change]) -> list[Change]:
+        """`changes` without those older than their item's version (stored or earlier in the batch)."""
+        version = self._stored_versions({change.id for change in changes})
+        kept = []
+        for change in changes:
+            if change.event_time_us < version.get(change.id, change.event_time_us):
+                continue  # a duplicate delivered late, or an older version: newer wins
+            version[change.id] = change.event_time_us
+            kept.append(change)
+        return kept
+
+    def _stored_versions(self, ids: set[str]) -> dict[str, int]:
+        """Per _id, the event time (µs) of its stored version: its document's, or its newest
+        tombstone's when it has no document a change wrote."""
+        views = {view.segment.seg_id: view.segment for view in self._snapshot.views}
+        versions: dict[str, int] = {}
+        unversioned = []
+        for doc_id in ids:
+            location = self._locations.get(doc_id)
+            if location is not None:
+                times, versioned = _versions_of(views[location[0]])
+                if versioned[location[1]]:
+                    versions[doc_id] = int(times[location[1]])
+                    continue  # written by a change newer than any of its tombstones
+            unversioned.append(doc_id)
+        if unversioned and self._tombstones is not None:
+            versions.update(self._tombstones.latest(unversioned))
+        return versions
+
     def _refresh(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None) -> None:
         latest: dict[str, Change] = {}
         for change in changes:
@@ -220,34 +298,34 @@ class Collection:
         ]
         schema, version = self._snapshot.schema, self._snapshot.schema_version
         upserts = [change for change in latest.values() if change.doc is not None]
-        added: list[tuple[str, int, dict[str, Any]]] = []
+        documents = [_stored_document(change.doc) for change in upserts]
+        # Stage the text index first: tantivy indexes in its own thread while this one builds
+        # the Arrow segment, so the two overlap on separate cores until the commit.
+        rowids = range(self._next_rowid, self._next_rowid + len(upserts))
+        self._text.update(replaced, zip([change.id for change in upserts], rowids, documents))
         if upserts:
-            segment, documents = self._build_segment(upserts)
+            segment = self._build_segment(upserts, documents)
             views.append(SegmentView(segment))
-            added = list(zip(segment.batch.column("_id").to_pylist(), segment.batch.column("_rowid").to_pylist(), documents))
             merged = _merged_schema(schema, segment.batch.schema)
             if merged != schema:
                 schema, version = merged, version + 1
-        self._text.update(replaced, added)
         self._commit(self._compact(Snapshot(tuple(views), schema, version)), checkpoint)
 
-    def _build_segment(self, upserts: list[Change]) -> tuple[Segment, list[dict[str, Any]]]:
-        """The segment of `upserts`, and their documents as stored (what the text index holds)."""
+    def _build_segment(self, upserts: list[Change], documents: list[dict[str, Any]]) -> Segment:
+        """The segment of `upserts`, whose documents as stored are `documents`."""
         seg_id, first_rowid = self._next_seg_id, self._next_rowid
         self._next_seg_id += 1
         self._next_rowid += len(upserts)
+        ids = [c.id for c in upserts]
         system = {
-            "_id": pa.array([c.id for c in upserts], pa.string()),
+            "_id": pa.array(ids, pa.string()),
             "_event_time": pa.array([c.event_time_us for c in upserts], pa.timestamp("us", tz="UTC")),
             "_meta": pa.array([c.meta for c in upserts], SYSTEM_FIELDS.field("_meta").type),
             "_rowid": pa.array(range(first_rowid, first_rowid + len(upserts)), pa.int64()),
         }
-        # An attribute named like a system column is kept as `_item<name>` (`_id` → `_item_id`).
-        docs = [{(f"_item{k}" if k in SYSTEM_NAMES else k): v for k, v in c.doc.items()} for c in upserts]
-        batch = pa.RecordBatch.from_pydict({**system, **build_columns(docs)})
-        for row, change in enumerate(upserts):
-            self._locations[change.id] = (seg_id, row)
-        return Segment(seg_id, batch), docs
+        batch = pa.RecordBatch.from_pydict({**system, **build_columns(documents)})
+        self._locations.update(zip(ids, zip(itertools.repeat(seg_id), range(len(ids)))))
+        return Segment(seg_id, batch)
 
     def _compact(self, snapshot: Snapshot) -> Snapshot:
         """Drop dead segments; merge small ones when there are too many; rewrite mostly-dead ones."""
@@ -261,8 +339,8 @@ class Collection:
         merged = pa.concat_batches([conform_batch(view.live_batch(), snapshot.schema) for view in picks])
         segment = Segment(self._next_seg_id, merged)
         self._next_seg_id += 1
-        for row, doc_id in enumerate(merged.column("_id").to_pylist()):
-            self._locations[doc_id] = (segment.seg_id, row)
+        ids = merged.column("_id").to_pylist()
+        self._locations.update(zip(ids, zip(itertools.repeat(segment.seg_id), range(len(ids)))))
         kept = [view for view in views if not any(view is pick for pick in picks)]
         return Snapshot((*kept, SegmentView(segment)), snapshot.schema, snapshot.schema_version)
 
@@ -270,18 +348,24 @@ class Collection:
         generation = self._generation + 1
         previous = {id(view) for view in self._snapshot.views}
         entries = []
+        files: dict[Path, bytes] = {}
         for view in snapshot.views:
             seg_id = view.segment.seg_id
             if id(view) not in previous:
                 if not (self.directory / Segment.file_name(seg_id)).exists():
-                    view.segment.write(self.directory)
+                    files[self.directory / Segment.file_name(seg_id)] = view.segment.to_file_bytes()
                 if view.deleted is not None:
                     self._deletes_file[seg_id] = f"seg-{seg_id:08d}.del.{generation}"
-                    write_fsync(self.directory / self._deletes_file[seg_id], view.deleted_bytes())
+                    files[self.directory / self._deletes_file[seg_id]] = view.deleted_bytes()
             entries.append({"id": seg_id, "rows": view.segment.rows, "deletes": self._deletes_file.get(seg_id)})
         if checkpoint is not None:
             self.checkpoint = checkpoint
-        self._text.commit(generation)
+        written = write_durably(files)  # beside the text index's commit, which releases the GIL
+        try:
+            self._text.commit(generation)
+        finally:
+            futures.wait([written])
+        written.result()
         snapshot = replace(snapshot, searcher=self._text.searcher())
         manifest = {
             "generation": generation,
@@ -310,8 +394,36 @@ class Collection:
             del self._deletes_file[seg_id]
 
 
+_SEGMENT_VERSIONS: "weakref.WeakKeyDictionary[Segment, tuple[np.ndarray, np.ndarray]]" = weakref.WeakKeyDictionary()
+
+
+def _versions_of(segment: Segment) -> tuple[np.ndarray, np.ndarray]:
+    """A segment's `_event_time` (µs) and, per row, whether a change wrote it (not a bulk
+    load); computed once per segment (segments never change)."""
+    versions = _SEGMENT_VERSIONS.get(segment)
+    if versions is None:
+        batch = segment.batch
+        times = batch.column("_event_time").cast(pa.int64()).fill_null(0).to_numpy()
+        events = pc.struct_field(batch.column("_meta"), "event")
+        versioned = pc.fill_null(pc.not_equal(events, UNVERSIONED_EVENT), True).to_numpy(zero_copy_only=False)
+        versions = _SEGMENT_VERSIONS[segment] = (times, versioned)
+    return versions
+
+
 def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([null_array(0, f.type) for f in schema], schema=schema)
+
+
+def _stored_document(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` as stored: an attribute named like a system column, or like the `_score` column a
+    search adds, is kept as `_item<name>` (`_id` → `_item_id`). Most documents have none, and
+    are stored as they are (not copied)."""
+    if _RENAMED_NAMES.isdisjoint(doc):
+        return doc
+    return {(f"_item{k}" if k in _RENAMED_NAMES else k): v for k, v in doc.items()}
+
+
+_RENAMED_NAMES = SYSTEM_NAMES | {SCORE_COLUMN}
 
 
 def _merged_schema(schema: pa.Schema, batch_schema: pa.Schema) -> pa.Schema:

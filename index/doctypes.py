@@ -26,6 +26,7 @@ had, and `conform` rewrites an older array into the merged type at query time.
 
 from __future__ import annotations
 
+import itertools
 from decimal import Decimal
 from typing import Any, Sequence
 
@@ -43,6 +44,7 @@ TYPE_OF_PYTHON = {
     dict: "object",
     list: "array",
 }
+PYTHON_OF_TYPE = {name: python_type for python_type, name in TYPE_OF_PYTHON.items()}
 # Fixed order of union children, so merging the same types always yields the same union.
 TYPE_ORDER = ("null", "bool", "int", "float", "decimal", "string", "binary", "object", "array")
 _SCALAR_ARROW = {
@@ -103,6 +105,7 @@ def _from_members(members: dict[str, pa.DataType]) -> pa.DataType:
 def infer_type(values: Sequence[Any]) -> pa.DataType:
     """The Arrow type that holds every value in `values` (None contributes nothing)."""
     python_types = set(map(type, values))
+    uniform = len(python_types) == 1  # then no value needs filtering out below
     python_types.discard(NoneType)
     members: dict[str, pa.DataType] = {}
     for python_type in python_types:
@@ -110,19 +113,28 @@ def infer_type(values: Sequence[Any]) -> pa.DataType:
         if name is None:
             raise TypeError(f"not a document value: {python_type.__name__}")
         if name == "object":
-            members[name] = _infer_struct([v for v in values if type(v) is dict])
+            members[name] = _infer_struct(values if uniform else [v for v in values if type(v) is dict])
         elif name == "array":
-            members[name] = pa.list_(infer_type([e for v in values if type(v) is list for e in v]))
+            lists = values if uniform else [v for v in values if type(v) is list]
+            members[name] = pa.list_(infer_type(list(itertools.chain.from_iterable(lists))))
         else:
             members[name] = _SCALAR_ARROW[name]
     return _from_members(members)
 
 
 def _infer_struct(dicts: Sequence[dict]) -> pa.DataType:
-    names: dict[str, None] = {}
-    for d in dicts:
-        names.update(dict.fromkeys(d))
-    return pa.struct([pa.field(name, infer_type([d.get(name) for d in dicts])) for name in names])
+    return pa.struct([pa.field(name, infer_type(_values_of(dicts, name))) for name in _names_of(dicts)])
+
+
+# These two run per field per batch over every document: map/chain keep the loop in C.
+def _names_of(dicts: Sequence[dict]) -> dict[str, None]:
+    """Every key of `dicts`, in first-seen order."""
+    return dict.fromkeys(itertools.chain.from_iterable(dicts))
+
+
+def _values_of(dicts: Sequence[dict], name: str) -> list[Any]:
+    """Each dict's value of `name` (None where it has none)."""
+    return list(map(dict.get, dicts, itertools.repeat(name, len(dicts))))
 
 
 def merge_types(a: pa.DataType, b: pa.DataType) -> pa.DataType:
@@ -153,6 +165,10 @@ def merge_structs(a: pa.StructType, b: pa.StructType) -> pa.StructType:
 
 def build_array(values: Sequence[Any], arrow_type: pa.DataType) -> pa.Array:
     """Build an array of `arrow_type` (from `infer_type` or wider) from plain values."""
+    if not _needs_own_build(arrow_type):
+        # pyarrow converts plain values and lists of them in one C++ pass once it is told
+        # the type; unions and structs need the work below.
+        return pa.array(values, arrow_type)
     if pa.types.is_union(arrow_type):
         return _build_union(values, arrow_type)
     if pa.types.is_struct(arrow_type):
@@ -162,32 +178,45 @@ def build_array(values: Sequence[Any], arrow_type: pa.DataType) -> pa.Array:
             for f in arrow_type
         ]
         return pa.StructArray.from_arrays(children, fields=list(arrow_type), mask=mask)
+    # A list of a type holding a union or a struct.
+    offsets = [0]
+    flat: list[Any] = []
+    for v in values:
+        if v is not None:
+            flat.extend(v)
+        offsets.append(len(flat))
+    mask = pa.array([v is None for v in values], pa.bool_())
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), build_array(flat, arrow_type.value_type), mask=mask
+    )
+
+
+def _needs_own_build(arrow_type: pa.DataType) -> bool:
+    """Whether a union (a mixed-type field, or a decimal) or a struct is inside `arrow_type`.
+    pyarrow leaves the children of a null struct non-null ("" or 0), and DataFusion reads
+    `address.city` from the child alone: a missing `address` would have city "". So structs
+    are built from children that are null wherever the struct is."""
+    if pa.types.is_union(arrow_type) or pa.types.is_struct(arrow_type):
+        return True
     if pa.types.is_list(arrow_type):
-        offsets = [0]
-        flat: list[Any] = []
-        for v in values:
-            if v is not None:
-                flat.extend(v)
-            offsets.append(len(flat))
-        mask = pa.array([v is None for v in values], pa.bool_())
-        return pa.ListArray.from_arrays(
-            pa.array(offsets, pa.int32()), build_array(flat, arrow_type.value_type), mask=mask
-        )
-    if pa.types.is_null(arrow_type):
-        return pa.nulls(len(values))
-    return pa.array(values, arrow_type)
+        return _needs_own_build(arrow_type.value_type)
+    return False
 
 
 def _build_union(values: Sequence[Any], union: pa.UnionType) -> pa.Array:
     names = [f.name for f in union]
-    first = union.type_codes[0]
-    code_of = dict(zip(names, union.type_codes))
-    type_ids = [code_of[TYPE_OF_PYTHON[type(v)]] if v is not None else first for v in values]
+    python_types = list(map(type, values))
+    # Per Python type, the code of its child; a None is a null of the first child.
+    code_of_type = {PYTHON_OF_TYPE[name]: code for name, code in zip(names, union.type_codes)}
+    code_of_type[NoneType] = union.type_codes[0]
+    type_ids = list(map(code_of_type.__getitem__, python_types))
     children = []
-    for field, code in zip(union, union.type_codes):
-        child_values = [v if t == code and v is not None else None for v, t in zip(values, type_ids)]
+    for field in union:
+        own = PYTHON_OF_TYPE[field.name]
         if field.name == "decimal":
-            child_values = [None if v is None else str(v) for v in child_values]
+            child_values = [str(v) if t is own else None for v, t in zip(values, python_types)]
+        else:
+            child_values = [v if t is own else None for v, t in zip(values, python_types)]
         children.append(build_array(child_values, field.type))
     return pa.UnionArray.from_sparse(
         pa.array(type_ids, pa.int8()), children, names, list(union.type_codes)
@@ -196,12 +225,9 @@ def _build_union(values: Sequence[Any], union: pa.UnionType) -> pa.Array:
 
 def build_columns(docs: Sequence[dict]) -> dict[str, pa.Array]:
     """Columns of user fields for a batch of documents, each typed by `infer_type`."""
-    names: dict[str, None] = {}
-    for d in docs:
-        names.update(dict.fromkeys(d))
     columns = {}
-    for name in names:
-        values = [d.get(name) for d in docs]
+    for name in _names_of(docs):
+        values = _values_of(docs, name)
         columns[name] = build_array(values, infer_type(values))
     return columns
 

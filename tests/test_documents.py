@@ -23,6 +23,11 @@ from shoal.ingest.decode import decode_item, decode_number, document_id
         ("1E+3", 1000, int),
         ("12345678901234567890.123456789012345678", Decimal("12345678901234567890.123456789012345678"), Decimal),
         ("1E-130", 1e-130, float),
+        # Texts with a point take a fast path; it must agree with the exact route.
+        ("100.0", 100, int),
+        ("12.30", 12.3, float),
+        ("-0.25", -0.25, float),
+        ("0.1000000000000000055511151231257827", Decimal("0.1000000000000000055511151231257827"), Decimal),
     ],
 )
 def test_numbers_decode_without_loss(text, expected, kind):
