@@ -21,6 +21,7 @@ import asyncio
 import copy
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,6 +34,22 @@ from shoal.index.collection import Change, Collection, Snapshot
 
 from .aws import AwsAccess
 from .decode import decode_item, document_id
+from .export import (
+    DOWNLOADING,
+    EXPORTING,
+    ExportLoader,
+    ExportProblem,
+    FileBatch,
+    ensure_point_in_time_recovery,
+    export_decoder,
+    export_files,
+    export_prefix,
+    from_ranges,
+    s3_chunks,
+    start_export,
+    to_ranges,
+    wait_for_export,
+)
 from .scan import (
     SCAN_CLIENT_CONFIG,
     ParallelScan,
@@ -42,11 +59,15 @@ from .scan import (
     rcu_per_item_guess,
     segments_for,
 )
-from .streams import StreamReader, StreamTrimmed
+from .kinesis import KinesisReader
+from .streams import ReadResult, StreamReader, StreamTrimmed
 
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL_S = 0.2
+# A Kinesis stream is replayed from this long before the bulk load began: a change made just
+# before it may reach the stream (and its retried duplicates later) after the scan has started.
+KINESIS_REPLAY_MARGIN_S = 60.0
 MAX_BACKOFF_S = 30.0
 
 
@@ -57,13 +78,18 @@ class SourceConfig:
     rcu: int | None
     use_scan_api: bool
     poll_interval_s: float = DEFAULT_POLL_S
+    s3_export_bucket: str | None = None  # the integration's s3_export_bucket_name (use_scan_api false)
+    kinesis_stream_arn: str | None = None  # changes from this Kinesis data stream instead of DynamoDB Streams
 
 
 @dataclass
 class SourceStatus:
     """What the API shows about a source; written only by its pipeline."""
 
-    state: str = "INITIALIZING"  # Rockset's names: INITIALIZING | SCANNING | PROCESSING_STREAM
+    # Rockset's names: INITIALIZING | SCANNING | EXPORTING_TO_S3 | DOWNLOADING_FROM_S3 | PROCESSING_STREAM.
+    # An export reuses the scan_* figures: records = items applied from its files, total = the
+    # export's item count (the table's estimate until the export is written), no RCU figures.
+    state: str = "INITIALIZING"
     scan_start_time: str | None = None
     scan_end_time: str | None = None
     scan_records_processed: int = 0
@@ -132,7 +158,7 @@ class SourcePipeline:
             except Exception as error:  # noqa: BLE001 - every fault is surfaced, then retried
                 if self.status.error is None:  # it had recovered since the last fault: back off from the start
                     backoff = 1.0
-                self.status.error = _describe_error(error)
+                self.status.error = _describe_error(error, self.config)
                 self.status.error_at = _now_iso()
                 self.status.retries += 1
                 log.warning("ingest of %s failed (retry in %.0f s): %s", self.config.table_name, backoff, self.status.error)
@@ -140,31 +166,64 @@ class SourcePipeline:
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
 
     async def _run_once(self) -> None:
+        kinesis_arn = self.config.kinesis_stream_arn
+        changes_client = ("kinesis", _arn_region(kinesis_arn)) if kinesis_arn else ("dynamodbstreams", self.config.region)
         async with self.access.client("dynamodb", self.config.region) as dynamodb, \
-                self.access.client("dynamodbstreams", self.config.region) as streams:
+                self.access.client(*changes_client) as changes:
             table = (await dynamodb.describe_table(TableName=self.config.table_name))["Table"]
             key_names = tuple(
                 k["AttributeName"] for k in sorted(table["KeySchema"], key=lambda k: k["KeyType"] != "HASH")
             )
-            stream_arn = _check_stream(table)
+            stream_arn = kinesis_arn or _check_stream(table)  # with Kinesis, the table needs no DynamoDB stream
             checkpoint = copy.deepcopy(self.collection.checkpoint or {})
             if checkpoint.get("phase") == "stream" and checkpoint["stream"]["stream_arn"] != stream_arn:
                 self._rebuilding(f"the table has a new stream ({stream_arn}): its stream was disabled and enabled "
                                  "again, and changes made in between were not recorded")
+            bulk_started = None
             if checkpoint.get("phase") != "stream" or checkpoint["stream"]["stream_arn"] != stream_arn:
+                bulk_started = time.time()  # before the bulk load: Kinesis is replayed from here
                 checkpoint = await self._bulk_load(table, key_names, stream_arn)
-            checkpoint = await self._remove_unscanned(checkpoint)
-            self.status.error = None
+            checkpoint = await self._remove_unscanned(self._with_replay_start(checkpoint, bulk_started))
+            if bulk_started is not None:
+                self.status.error = None  # a whole bulk load worked; a stream fault is cleared by a round read
+            if kinesis_arn:
+                reader: StreamReader | KinesisReader = KinesisReader(
+                    changes, copy.deepcopy(checkpoint["stream"]), key_names, self.config.table_name,
+                    self.config.poll_interval_s)
+            else:
+                reader = StreamReader(changes, copy.deepcopy(checkpoint["stream"]), key_names, self.config.table_name,
+                                      self.config.poll_interval_s)
             try:
-                await self._follow_stream(streams, checkpoint, key_names)
+                await self._follow_stream(reader, checkpoint)
             except StreamTrimmed as trimmed:
                 self._rebuilding(str(trimmed))
-                await self._bulk_load(table, key_names, stream_arn)  # the next round removes what it did not see
+                bulk_started = time.time()
+                checkpoint = await self._bulk_load(table, key_names, stream_arn)
+                await self._remove_unscanned(self._with_replay_start(checkpoint, bulk_started))  # then the next round
+
+    def _with_replay_start(self, checkpoint: dict, bulk_started: float | None) -> dict:
+        """A Kinesis position not yet read, with the time its shards start AT_TIMESTAMP: a little
+        before the bulk load began (by this process's clock, or the saved scan's start after a
+        restart), so no change made during the bulk load is missed; replaying a little more is
+        harmless, since newer wins. No start known: TRIM_HORIZON, equally safe, only longer."""
+        position = checkpoint["stream"]
+        if not self.config.kinesis_stream_arn or "start_at" in position or "verified_at" in position:
+            return checkpoint
+        starts = [bulk_started] if bulk_started is not None else []
+        if checkpoint.get("scan", {}).get("start_time"):
+            starts.append(datetime.fromisoformat(checkpoint["scan"]["start_time"]).timestamp())
+        start_at = min(starts) - KINESIS_REPLAY_MARGIN_S if starts else None
+        return {**checkpoint, "stream": {**position, "start_at": start_at}}
 
     async def _bulk_load(self, table: dict, key_names: tuple[str, ...], stream_arn: str) -> dict:
+        """Load the whole table, by Scan or by an export to S3 (`use_scan_api` false), continuing
+        one the checkpoint left unfinished; returns the checkpoint that starts the stream."""
+        if self.config.use_scan_api:
+            return await self._scan_load(table, key_names, stream_arn)
+        return await self._export_load(table, key_names, stream_arn)
+
+    async def _scan_load(self, table: dict, key_names: tuple[str, ...], stream_arn: str) -> dict:
         """Scan the table into the collection, continuing a scan the checkpoint left unfinished."""
-        if not self.config.use_scan_api:
-            raise NotImplementedError("bulk load by S3 export is not available yet: set use_scan_api to true")
         self.status.state = "SCANNING"
         budget = self.config.rcu or default_rcu_budget(table)
         saved = self.collection.checkpoint or {}
@@ -207,25 +266,118 @@ class SourcePipeline:
         self.status.scan_rcu_per_second = _average_rate(scan)
         return checkpoint
 
-    async def _follow_stream(self, streams: Any, checkpoint: dict, key_names: tuple[str, ...]) -> None:
+    async def _export_load(self, table: dict, key_names: tuple[str, ...], stream_arn: str) -> dict:
+        """Export the table to S3 and load the export's files (see `shoal.ingest.export`),
+        continuing an export the checkpoint left unfinished: the same export, done files skipped.
+
+        As for a scan, the stream position is taken before the export starts and replayed after
+        it, so changes made while DynamoDB exports end up applied. Checkpoint part `scan`:
+        {start_time, end_time, total_records, records_processed (items of done files),
+         export: {bucket, prefix, arn (None until started), files, done (ranges of indexes)}}."""
+        bucket, table_name = self.config.s3_export_bucket, self.config.table_name
+        if not bucket:
+            raise SourceProblem("use_scan_api is false, so the bulk load exports the table to S3, but the "
+                                "integration has no s3_export_bucket_name: create one that has it, or use the scan")
+        saved = self.collection.checkpoint or {}
+        if saved.get("phase") == "scan" and "export" in saved["scan"] and saved["stream"]["stream_arn"] == stream_arn:
+            stream_position, scan = saved["stream"], saved["scan"]
+        else:
+            # The stream position comes first: every change from here on is replayed after the export.
+            stream_position = {"stream_arn": stream_arn, "shards": {}}
+            scan = {"start_time": _now_iso(), "end_time": None, "total_records": table.get("ItemCount", 0),
+                    "records_processed": 0, "export": {"bucket": bucket, "prefix": export_prefix(table_name), "arn": None}}
+            await self.collection.apply([], {"phase": "scan", "stream": stream_position, "scan": scan})
+        export = scan["export"]
+        self.status.state = EXPORTING
+        self.status.scan_start_time, self.status.scan_total_records = scan["start_time"], scan["total_records"]
+        self.status.scan_records_processed, self.status.scan_rcu_budget = scan["records_processed"], None
+
+        async def save(**changed: Any) -> None:
+            nonlocal scan, export
+            export = {**export, **changed}
+            scan = {**scan, "export": export}
+            await self.collection.apply([], {"phase": "scan", "stream": stream_position, "scan": scan})
+
+        async with self.access.client("dynamodb", self.config.region) as dynamodb, \
+                self.access.client("s3", self.config.region) as s3:
+            if export["arn"] is None:
+                await ensure_point_in_time_recovery(dynamodb, table_name)
+                await save(arn=await start_export(dynamodb, table["TableArn"], export["bucket"], export["prefix"]))
+            try:
+                description = await wait_for_export(dynamodb, export["arn"])
+            except ExportProblem:
+                await save(arn=None, prefix=export_prefix(table_name))  # the retry starts a new export
+                raise
+            self.status.state = DOWNLOADING
+            files, total = await export_files(s3, description)
+            if total is not None:
+                scan = {**scan, "total_records": total}
+                self.status.scan_total_records = total
+            done = from_ranges(export.get("done", []))
+            partly_applied: dict[int, int] = {}  # items per file not done yet (status only: re-read after a crash)
+
+            async def apply_batches(batches: list[FileBatch]) -> None:
+                nonlocal scan
+                finished = [batch for batch in batches if batch.items_in_file is not None]
+                done.update(batch.index for batch in finished)
+                scan = {**scan, "records_processed": scan["records_processed"] + sum(b.items_in_file or 0 for b in finished),
+                        "export": {**export, "files": len(files), "done": to_ranges(done)}}
+                changes = [change for batch in batches for change in batch.changes]
+                await self.collection.apply(changes, {"phase": "scan", "stream": stream_position, "scan": scan})
+                for batch in batches:
+                    partly_applied[batch.index] = partly_applied.get(batch.index, 0) + len(batch.changes)
+                for batch in finished:
+                    del partly_applied[batch.index]
+                self.status.scan_records_processed = scan["records_processed"] + sum(partly_applied.values())
+
+            loader = ExportLoader(s3_chunks(s3, export["bucket"]), export_decoder(key_names, table_name))
+            await loader.run(((i, file) for i, file in enumerate(files) if i not in done), apply_batches)
+        if total is not None and scan["records_processed"] != total:
+            raise ExportProblem(f"the export's files hold {scan['records_processed']} items, "
+                                f"but DynamoDB says it exported {total}")
+        scan = {**scan, "end_time": _now_iso()}
+        checkpoint = {"phase": "stream", "stream": stream_position, "scan": scan}
+        await self.collection.apply([], checkpoint)
+        self.status.scan_records_processed, self.status.scan_end_time = scan["records_processed"], scan["end_time"]
+        return checkpoint
+
+    async def _follow_stream(self, reader: StreamReader | KinesisReader, checkpoint: dict) -> None:
         """Apply the stream's changes round by round, each with the position that covers it.
-        Raises StreamTrimmed when changes were lost, StreamEnded when the stream was disabled."""
+        Raises StreamTrimmed when changes were lost, StreamEnded when the stream was disabled.
+        Kinesis may deliver an item's changes duplicated or out of order: there, newer wins.
+
+        The next round is read while this one is applied, so a busy stream costs the slower of
+        reading and applying, not their sum; rounds are still applied one after the other, in
+        order, each with its own position (a deep copy the next read does not touch)."""
         self.status.state = "PROCESSING_STREAM"
-        position = copy.deepcopy(checkpoint["stream"])
-        reader = StreamReader(streams, position, key_names, self.config.table_name, self.config.poll_interval_s)
-        while True:
-            result = await reader.read()
-            if result.changes or result.position != checkpoint["stream"]:  # or shards found, finished, verified
-                checkpoint = {**checkpoint, "stream": result.position}
+        next_round = asyncio.ensure_future(reader.read())
+        try:
+            while True:
+                result = await next_round
+                next_round = asyncio.ensure_future(reader.read())
+                checkpoint = await self._apply_round(reader, result, checkpoint)
+        finally:
+            next_round.cancel()
+            if next_round.done() and not next_round.cancelled():
+                next_round.exception()  # an error of a round never applied: the one raised above matters
+
+    async def _apply_round(self, reader: StreamReader | KinesisReader, result: ReadResult, checkpoint: dict) -> dict:
+        """Apply one round's changes with the position that covers them; returns the checkpoint."""
+        if result.changes or result.position != checkpoint["stream"]:  # or shards found, finished, verified
+            checkpoint = {**checkpoint, "stream": result.position}
+            if isinstance(reader, KinesisReader):
+                await self.collection.apply_newer(result.changes, checkpoint, reader.tombstone_keep_s)
+            else:
                 await self.collection.apply(result.changes, checkpoint)
-            if result.changes:
-                self.status.stream_last_processed_at = _now_iso()
-            self.status.stream_shards = reader.shard_status()
-            self.status.sync_lag_ms = result.lag_ms
-            if result.caught_up:
-                self.status.caught_up = True
-                self.status.rebuilding = None
-                self.status.error = None
+        if result.changes:
+            self.status.stream_last_processed_at = _now_iso()
+        self.status.stream_shards = reader.shard_status()
+        self.status.sync_lag_ms = result.lag_ms
+        self.status.error = None  # the source answered: a lasting fault keeps its backoff until then
+        if result.caught_up:
+            self.status.caught_up = True
+            self.status.rebuilding = None
+        return checkpoint
 
     def _rebuilding(self, reason: str) -> None:
         """Say plainly that the collection is being rebuilt and why; cleared once caught up again."""
@@ -265,17 +417,26 @@ def _written_before_scan(snapshot: Snapshot, scan_start: datetime) -> list[str]:
     return unscanned
 
 
+def _arn_region(arn: str) -> str:
+    """The region of an ARN (arn:partition:service:region:account:resource)."""
+    return arn.split(":")[3]
+
+
 def _check_stream(table: dict) -> str:
     spec = table.get("StreamSpecification") or {}
     arn = table.get("LatestStreamArn")
+    name = table["TableName"]
     if not spec.get("StreamEnabled") or not arn:
         raise SourceProblem(
-            f"table {table['TableName']} has no DynamoDB stream: enable one with view type NEW_AND_OLD_IMAGES"
+            f"table {name} has no DynamoDB stream: enable one with view type NEW_AND_OLD_IMAGES (aws dynamodb "
+            f"update-table --table-name {name} --stream-specification StreamEnabled=true,StreamViewType=NEW_AND_OLD_IMAGES); "
+            "ingest starts by itself once it is enabled"
         )
     if spec.get("StreamViewType") != "NEW_AND_OLD_IMAGES":
         raise SourceProblem(
-            f"the stream of table {table['TableName']} has view type {spec.get('StreamViewType')}; "
-            "Shoal needs NEW_AND_OLD_IMAGES"
+            f"the stream of table {name} has view type {spec.get('StreamViewType')}; Shoal needs NEW_AND_OLD_IMAGES "
+            "(a delete or update is only complete with both images). A stream's view type cannot be changed: "
+            "disable the stream, then enable it again with view type NEW_AND_OLD_IMAGES"
         )
     return arn
 
@@ -284,10 +445,29 @@ class SourceProblem(Exception):
     """A problem with the source that the user must fix; the message says how."""
 
 
-def _describe_error(error: Exception) -> str:
+_INVALID_CREDENTIALS = ("UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException")
+
+
+def _describe_error(error: Exception, config: SourceConfig) -> str:
+    """The status line of a failed attempt: AWS's code and message as AWS put them and, for the
+    faults only the user can fix (missing table or wrong region, missing permission, invalid
+    keys), what to do. Everything is retried anyway, so ingest resumes once it is fixed."""
     response = getattr(error, "response", None)
-    if isinstance(response, dict) and "Error" in response:
-        code = response["Error"].get("Code", "Error")
-        message = response["Error"].get("Message", "")
-        return f"{code}: {message}".strip()
-    return str(error) or type(error).__name__
+    if not (isinstance(response, dict) and "Error" in response):
+        return str(error) or type(error).__name__
+    code = response["Error"].get("Code", "Error")
+    message = response["Error"].get("Message", "")
+    described = f"{code}: {message}".strip()
+    said = described.rstrip(".") + "."  # what AWS said, as a sentence the advice follows
+    operation = getattr(error, "operation_name", "")
+    if code == "ResourceNotFoundException" and operation == "DescribeTable":
+        return (f"{said} There is no table {config.table_name} in region {config.region}: check the "
+                "collection's table_name and aws_region, or create the table; ingest starts once it exists")
+    if code in ("AccessDeniedException", "AccessDenied"):
+        denied = re.search(r"not authorized to perform: ([\w-]+:[\w*]+)", message)
+        permission = denied.group(1) if denied else f"the permission to call {operation}"
+        return (f"{said} Allow {permission} to the integration's AWS credentials (in their IAM policy); "
+                "ingest resumes by itself once it is allowed")
+    if code in _INVALID_CREDENTIALS:
+        return f"{said} The integration's AWS credentials are not valid: create the integration with valid ones"
+    return described

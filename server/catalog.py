@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from shoal.index.collection import Collection, Snapshot
 from shoal.ingest.pipeline import SourcePipeline
 from shoal.sql.mapping import FieldMapping
 
-from .errors import ApiError, conflict, not_found
+from .errors import ApiError, conflict, invalid, not_found
 from .specs import (
     CollectionSpec,
     IntegrationSpec,
@@ -97,7 +97,9 @@ class Catalog:
     def _open(self, spec: CollectionSpec) -> LiveCollection:
         mapping = FieldMapping(spec.field_mapping_sql) if spec.field_mapping_sql else None
         storage = Collection.open(self._collection_dir(spec.workspace, spec.name) / "index", mapping and mapping.apply)
-        pipeline = SourcePipeline(storage, spec.source, self.integrations[spec.integration_name].access)
+        integration = self.integrations[spec.integration_name]
+        source = replace(spec.source, s3_export_bucket=integration.s3_export_bucket_name)
+        pipeline = SourcePipeline(storage, source, integration.access)
         return LiveCollection(spec, storage, pipeline)
 
     def _start_ingest(self, live: LiveCollection) -> None:
@@ -162,7 +164,10 @@ class Catalog:
         async with self._lock:
             if (spec.workspace, spec.name) in self.collections:
                 raise conflict(f"collection '{spec.workspace}.{spec.name}' already exists")
-            self.integration(spec.integration_name)
+            integration = self.integration(spec.integration_name)
+            if not spec.source.use_scan_api and not integration.s3_export_bucket_name:
+                raise invalid(f"use_scan_api false loads the table by an export to S3: integration "
+                              f"'{integration.name}' needs an s3_export_bucket_name")
             directory = self._collection_dir(spec.workspace, spec.name)
             if directory.exists():  # left over from a delete interrupted by a crash
                 await asyncio.to_thread(shutil.rmtree, directory)

@@ -20,6 +20,7 @@ from .errors import invalid
 # Rockset's rule: letters, digits, dashes and underscores, starting with a letter or digit.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 DURATION = re.compile(r"^PT(?:(\d+(?:\.\d+)?)S)?$|^PT(?:(\d+)M)$")
+KINESIS_STREAM_ARN = re.compile(r"^arn:aws[a-z-]*:kinesis:[a-z0-9-]+:\d{12}:stream/[A-Za-z0-9_.-]{1,128}$")
 
 
 def check_name(kind: str, name: Any) -> str:
@@ -161,7 +162,13 @@ def parse_collection(workspace: str, body: Any, now: str) -> CollectionSpec:
     _known_fields(source, {"integration_name", "dynamodb"}, "sources[0]")
     integration_name = check_name("integration", source.get("integration_name"))
     dynamodb = _object(source.get("dynamodb"), "sources[0].dynamodb")
-    _known_fields(dynamodb, {"table_name", "aws_region", "rcu", "use_scan_api", "settings"}, "sources[0].dynamodb")
+    _known_fields(dynamodb, {"table_name", "aws_region", "rcu", "use_scan_api", "settings", "kinesis_stream_arn"},
+                  "sources[0].dynamodb")
+    kinesis_stream_arn = dynamodb.get("kinesis_stream_arn")
+    if kinesis_stream_arn is not None and (not isinstance(kinesis_stream_arn, str)
+                                           or not KINESIS_STREAM_ARN.match(kinesis_stream_arn)):
+        raise invalid("sources[0].dynamodb.kinesis_stream_arn must be a Kinesis stream ARN like "
+                      "'arn:aws:kinesis:us-west-2:123456789012:stream/name'")
     rcu = dynamodb.get("rcu")
     if rcu is not None and (not isinstance(rcu, int) or isinstance(rcu, bool) or rcu < 1):
         raise invalid("sources[0].dynamodb.rcu must be a positive integer")
@@ -183,6 +190,7 @@ def parse_collection(workspace: str, body: Any, now: str) -> CollectionSpec:
             region=_string(dynamodb, "aws_region", "sources[0].dynamodb", required=False) or "us-west-2",
             rcu=rcu,
             use_scan_api=use_scan_api,
+            kinesis_stream_arn=kinesis_stream_arn,
             poll_interval_s=_poll_frequency(settings),
         ),
         created_at=now,
@@ -240,6 +248,7 @@ def collection_json(spec: CollectionSpec, status: SourceStatus, doc_count: int, 
                     "aws_region": source.region,
                     "rcu": source.rcu,  # null: chosen from the table (status.scan_rcu_budget)
                     "use_scan_api": source.use_scan_api,
+                    "kinesis_stream_arn": source.kinesis_stream_arn,  # our extension: changes from Kinesis
                     "settings": {"dynamodb_stream_poll_frequency": f"PT{source.poll_interval_s:g}S"},
                     "current_status": {
                         "state": status.state,

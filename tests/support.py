@@ -642,7 +642,7 @@ def compare_collection(rows: list[dict], model: dict[str, dict], max_report: int
 
 class LoopbackServer:
     """An aiohttp server on 127.0.0.1 with its own thread and event loop, for the test doubles
-    that speak an AWS protocol. Subclasses answer every POST in `_handle` (with
+    that speak an AWS protocol. Subclasses answer every request in `_handle` (with
     `self._session` to reach a real endpoint) and may end their own tasks in `_closing`."""
 
     name = "loopback-server"
@@ -684,7 +684,7 @@ class LoopbackServer:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         app = web.Application(client_max_size=64 * 2**20)
-        app.router.add_post("/", self._handle)
+        app.router.add_route("*", "/{path:.*}", self._handle)  # S3 speaks GET/PUT on paths
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

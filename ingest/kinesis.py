@@ -1,0 +1,341 @@
+"""Follows a Kinesis data stream that DynamoDB streams a table's changes into (Kinesis Data
+Streams for DynamoDB), with the same interface as `StreamReader`, so the pipeline follows
+either source with one loop.
+
+The position is a plain dict, saved by the collection in the same manifest as the data it
+covers (no KCL lease table):
+
+    {"stream_arn": the Kinesis stream's ARN,
+     "start_at": epoch seconds where a shard never read starts (AT_TIMESTAMP), or None for
+                 TRIM_HORIZON; set from the time before the bulk load began,
+     "shards": {shard_id: {"seq": last Kinesis sequence number applied or None, "done": bool}},
+     "verified_at": epoch seconds of the ListShards whose shards the position holds}
+
+Kinesis records carry no DynamoDB sequence number and may be duplicated or out of order
+(the table writes to the stream at least once). Each record's `dynamodb.ApproximateCreationDateTime`
+(epoch milliseconds, or microseconds with the destination's MICROSECOND precision: told apart
+by magnitude) becomes the change's `event_time_us`, and the pipeline applies the changes with
+`Collection.apply_newer`: per item, newer wins; duplicates, older versions and changes older
+than a delete are dropped (tombstones, kept as long as the stream keeps records).
+
+What Kinesis requires, and how the reader honours it:
+
+- Lineage. ListShards (paginated) gives each shard's `ParentShardId` and, after a merge,
+  `AdjacentParentShardId`. A shard is read once every listed parent is done; a parent no
+  longer listed has expired and is never waited for. Children become readable in a round
+  after their parents' last records, and the pipeline applies each round before the next.
+- A closed shard is read to its end: GetRecords without `NextShardIterator`, or (as moto
+  answers) an empty page at the `EndingSequenceNumber` ListShards gave it.
+- Iterators: a shard never read starts AT_TIMESTAMP `start_at` (a little before the bulk load
+  began, so no change made during the scan is missed; replaying more is harmless because
+  newer wins), an expired iterator is re-acquired AFTER_SEQUENCE_NUMBER of the last applied
+  record.
+- Throttling (`ProvisionedThroughputExceededException`, `LimitExceededException`) backs the
+  shard (or the listing) off exponentially, with jitter.
+- Lost changes are never skipped silently: a shard of the position that is no longer listed
+  before it was read to its end, or a position last confirmed longer ago than the stream's
+  retention (DescribeStreamSummary `RetentionPeriodHours`), raises `StreamTrimmed`, and the
+  pipeline rebuilds the collection.
+- Records of other tables (a stream can serve several) are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from shoal.index.collection import Change
+
+from .decode import decode_item, document_id
+from .streams import ReadResult, StreamTrimmed, idle_wait, throttle_wait
+
+LIST_INTERVAL_S = 10.0  # new shards appear when the stream is resharded
+LIST_RETRY_S = 1.0  # while no shard is readable (children not listed yet)
+VERIFIED_REFRESH_S = 600.0  # an idle reader re-saves its position this often
+RETENTION_MARGIN_S = 30 * 60.0  # records may be trimmed a little early by our clock
+GET_RECORDS_LIMIT = 1000
+MAX_PARALLEL_READS = 8  # below aiobotocore's 10 pooled connections
+# ApproximateCreationDateTime: epoch ms is ~1.7e12 today, epoch µs ~1.7e15.
+MICROSECONDS_ABOVE = 10**14
+
+
+def event_time_us(created: int | float) -> int:
+    """ApproximateCreationDateTime (epoch ms, or µs with MICROSECOND precision) in µs."""
+    return int(created) if created >= MICROSECONDS_ABOVE else int(created * 1000)
+
+
+def change_from_kinesis(record: dict[str, Any], key_names: tuple[str, ...], table_name: str) -> Change | None:
+    """A Kinesis record's change, or None when it belongs to another table."""
+    body = orjson.loads(record["Data"])
+    if body.get("tableName", table_name) != table_name:
+        return None
+    ddb = body["dynamodb"]
+    event = body["eventName"]
+    if event == "REMOVE":
+        doc = None  # keyed by Keys; never by an image
+    elif "NewImage" in ddb:
+        doc = decode_item(ddb["NewImage"])
+    else:
+        raise ValueError(f"a {event} record of table {table_name} carries no NewImage")
+    return Change(
+        id=document_id(ddb["Keys"], key_names),
+        doc=doc,
+        event_time_us=event_time_us(ddb["ApproximateCreationDateTime"]),
+        # No DynamoDB sequence number in a Kinesis record; the Kinesis one differs between copies
+        # of a record, and a replayed duplicate must leave its document exactly as it was.
+        meta={"table": table_name, "event": event, "sequence_number": None},
+    )
+
+
+@dataclass
+class _Shard:
+    """What the reader knows of a listed shard beyond its saved position."""
+
+    parents: tuple[str, ...]
+    ending_seq: str | None  # set once the shard is closed
+    iterator: str | None = None
+    due: float = 0.0  # monotonic time of its next read
+    empty_reads: int = 0
+    throttles: int = 0
+    at_tip: bool = False
+    lag_ms: int | None = None
+
+
+@dataclass
+class _Page:
+    records: list[dict[str, Any]]
+    ended: bool  # the shard is closed and read to its end
+    at_tip: bool
+
+
+class KinesisReader:
+    """Reads one Kinesis stream from `position`. After `read` raises, make a new reader from
+    the saved position: this one may hold iterators past what was applied."""
+
+    def __init__(
+        self, client: Any, position: dict[str, Any], key_names: tuple[str, ...], table_name: str, poll_interval_s: float
+    ) -> None:
+        self.client = client
+        self.position = position
+        self.key_names = key_names
+        self.table_name = table_name
+        self.poll_interval_s = poll_interval_s
+        self.throttled_requests = 0
+        self.retention_s: float | None = None  # from DescribeStreamSummary, on the first read
+        self._shards: dict[str, _Shard] = {}
+        self._listed_at: float | None = None
+        self._list_due = 0.0
+        self._list_throttles = 0
+        self._parallel = asyncio.Semaphore(MAX_PARALLEL_READS)
+
+    @property
+    def tombstone_keep_s(self) -> float:
+        """How long a delete must be remembered: a late change can come as long as the stream keeps records."""
+        assert self.retention_s is not None, "known after the first read"
+        return self.retention_s + RETENTION_MARGIN_S
+
+    # ------------------------------------------------------------------ one round
+
+    async def read(self) -> ReadResult:
+        """Wait until a shard is due, then read every due shard once."""
+        if self.retention_s is None:
+            summary = (await self.client.describe_stream_summary(StreamARN=self.position["stream_arn"]))
+            self.retention_s = summary["StreamDescriptionSummary"]["RetentionPeriodHours"] * 3600.0
+            self._check_age()
+        await self._wait_for_due()
+        changed = False
+        if time.monotonic() >= self._list_due:
+            changed = await self._list_shards()
+        now = time.monotonic()
+        due = [shard_id for shard_id in self._readable() if self._shards[shard_id].due <= now]
+        pages = await asyncio.gather(*(self._read_shard(shard_id) for shard_id in due), return_exceptions=True)
+        for page in pages:
+            if isinstance(page, BaseException):
+                raise page
+        changes: list[Change] = []
+        for shard_id, page in zip(due, pages):
+            if page is not None:
+                changes.extend(self._take(shard_id, page))
+                changed = changed or bool(page.records) or page.ended
+        self._refresh_verified(changed)
+        return ReadResult(changes, copy.deepcopy(self.position), self._caught_up(), self._lag_ms())
+
+    def shard_status(self) -> list[dict[str, Any]]:
+        """Per listed shard: where the reader is, for the collection's status."""
+        states = self.position["shards"]
+        return [
+            {
+                "shard_id": shard_id,
+                "parent_shard_id": shard.parents[0] if shard.parents else None,
+                "adjacent_parent_shard_id": shard.parents[1] if len(shard.parents) > 1 else None,
+                "last_sequence_number": states[shard_id]["seq"],
+                "done": states[shard_id]["done"],
+                "lag_ms": shard.lag_ms,
+            }
+            for shard_id, shard in self._shards.items()
+        ]
+
+    def _check_age(self) -> None:
+        verified_at = self.position.get("verified_at")
+        assert self.retention_s is not None
+        if verified_at is None:
+            return
+        age = time.time() - verified_at
+        if age > self.retention_s - RETENTION_MARGIN_S:
+            raise StreamTrimmed(
+                f"the saved Kinesis position was last confirmed {age / 3600:.1f} hours ago and the stream keeps "
+                f"records for {self.retention_s / 3600:g} hours, so some were trimmed unread"
+            )
+
+    async def _wait_for_due(self) -> None:
+        due = [self._shards[shard_id].due for shard_id in self._readable()]
+        delay = min([*due, self._list_due]) - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _readable(self) -> list[str]:
+        """Listed shards not done whose listed parents are all done."""
+        states = self.position["shards"]
+        return [
+            shard_id
+            for shard_id, shard in self._shards.items()
+            if not states[shard_id]["done"]
+            and all(parent not in self._shards or states[parent]["done"] for parent in shard.parents)
+        ]
+
+    def _caught_up(self) -> bool:
+        readable = self._readable()
+        return bool(readable) and all(self._shards[shard_id].at_tip for shard_id in readable)
+
+    def _lag_ms(self) -> int | None:
+        lags = [self._shards[s].lag_ms for s in self._readable() if self._shards[s].lag_ms is not None]
+        return max(lags) if lags else None
+
+    def _refresh_verified(self, changed: bool) -> None:
+        if self._listed_at is None:
+            return
+        stale = time.time() - self.position.get("verified_at", 0.0) > VERIFIED_REFRESH_S
+        if changed or stale:
+            self.position["verified_at"] = self._listed_at
+
+    # ------------------------------------------------------------------ shards
+
+    async def _list_shards(self) -> bool:
+        """Learn the shards and their parents; forget finished shards that expired. Returns
+        whether the position changed."""
+        listed: dict[str, dict[str, Any]] = {}
+        request: dict[str, Any] = {"StreamARN": self.position["stream_arn"]}
+        listed_at = time.time()
+        try:
+            while True:
+                answer = await self.client.list_shards(**request)
+                for shard in answer.get("Shards", []):
+                    listed[shard["ShardId"]] = shard
+                if not answer.get("NextToken"):
+                    break
+                request = {"NextToken": answer["NextToken"]}  # (a NextToken excludes the stream's name)
+        except self.client.exceptions.LimitExceededException:
+            self.throttled_requests += 1
+            self._list_throttles += 1
+            self._list_due = time.monotonic() + throttle_wait(self.poll_interval_s, self._list_throttles)
+            return False
+        self._list_throttles = 0
+        states = self.position["shards"]
+        changed = False
+        for shard_id, state in list(states.items()):
+            if shard_id in listed:
+                continue
+            if not state["done"]:
+                raise StreamTrimmed(
+                    f"Kinesis shard {shard_id} expired before it was read to its end "
+                    f"(last sequence number read: {state['seq'] or 'none'})"
+                )
+            del states[shard_id]  # finished, and now past retention
+            changed = True
+        for shard_id in listed:
+            if shard_id not in states:
+                states[shard_id] = {"seq": None, "done": False}
+                changed = True
+        shards: dict[str, _Shard] = {}
+        for shard_id, shard in listed.items():
+            parents = tuple(p for p in (shard.get("ParentShardId"), shard.get("AdjacentParentShardId")) if p)
+            known = self._shards.get(shard_id) or _Shard(parents, None)
+            known.ending_seq = shard.get("SequenceNumberRange", {}).get("EndingSequenceNumber")
+            shards[shard_id] = known
+        self._shards = shards
+        self._listed_at = listed_at
+        self._list_due = time.monotonic() + (LIST_INTERVAL_S if self._readable() else LIST_RETRY_S)
+        return changed
+
+    async def _read_shard(self, shard_id: str) -> _Page | None:
+        """One GetRecords (re-acquiring an expired iterator once); None when the shard could
+        not be read this round (it is rescheduled)."""
+        shard = self._shards[shard_id]
+        errors = self.client.exceptions
+        async with self._parallel:
+            for attempt in (1, 2):
+                try:
+                    if shard.iterator is None:
+                        shard.iterator = await self._iterator(shard_id)
+                    response = await self.client.get_records(
+                        StreamARN=self.position["stream_arn"], ShardIterator=shard.iterator, Limit=GET_RECORDS_LIMIT)
+                except errors.ExpiredIteratorException:
+                    shard.iterator = None  # re-acquired after the last applied record
+                    if attempt == 2:
+                        shard.due = time.monotonic() + self.poll_interval_s
+                        return None
+                    continue
+                except (errors.ProvisionedThroughputExceededException, errors.LimitExceededException):
+                    self.throttled_requests += 1
+                    shard.throttles += 1
+                    shard.at_tip = False
+                    shard.due = time.monotonic() + throttle_wait(self.poll_interval_s, shard.throttles)
+                    return None
+                shard.throttles = 0
+                records = response.get("Records", [])
+                shard.iterator = response.get("NextShardIterator")
+                at_tip = not records and response.get("MillisBehindLatest", 0) == 0
+                ended = shard.iterator is None or (shard.ending_seq is not None and at_tip)
+                return _Page(records, ended, at_tip)
+        raise AssertionError("unreachable")
+
+    async def _iterator(self, shard_id: str) -> str:
+        request: dict[str, Any] = {"StreamARN": self.position["stream_arn"], "ShardId": shard_id}
+        seq = self.position["shards"][shard_id]["seq"]
+        if seq is not None:
+            request.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", StartingSequenceNumber=seq)
+        elif self.position.get("start_at") is not None:
+            request.update(ShardIteratorType="AT_TIMESTAMP", Timestamp=self.position["start_at"])
+        else:
+            request["ShardIteratorType"] = "TRIM_HORIZON"
+        return (await self.client.get_shard_iterator(**request))["ShardIterator"]
+
+    def _take(self, shard_id: str, page: _Page) -> list[Change]:
+        """The page's records as changes (other tables' skipped); advances the shard's position
+        and schedule."""
+        shard, state = self._shards[shard_id], self.position["shards"][shard_id]
+        changes = [c for c in (change_from_kinesis(r, self.key_names, self.table_name) for r in page.records) if c]
+        now = time.monotonic()
+        if page.records:
+            state["seq"] = page.records[-1]["SequenceNumber"]
+            full = len(page.records) >= GET_RECORDS_LIMIT
+            shard.due = now if full else now + self.poll_interval_s
+            shard.empty_reads, shard.at_tip = 0, False
+            newest = max(change.event_time_us for change in changes) if changes else None
+            shard.lag_ms = max(0, int(time.time() * 1000 - newest / 1000)) if newest is not None else shard.lag_ms
+        else:
+            shard.empty_reads += 1
+            shard.at_tip = page.at_tip
+            if page.at_tip:
+                shard.due, shard.lag_ms = now + idle_wait(self.poll_interval_s, shard.empty_reads), 0
+            else:  # Kinesis may answer an empty page with records further on (MillisBehindLatest > 0)
+                shard.due = now + self.poll_interval_s
+        if page.ended:
+            state["done"] = True
+            self._list_due = now  # its children are listed by now
+        return changes
