@@ -44,11 +44,14 @@ WORDS = (
 class TextPredicate:
     """One search condition: `field` (a path into the document) holds every word of `text`,
     anywhere (`kind="contains"`, Rockset's CONTAINS) or consecutively (`"phrase"`); or, with
-    `kind="id"`, the document's `_id` is exactly `text` (a point lookup)."""
+    `kind="id"`, the document's `_id` is exactly `text` (a point lookup); or, with
+    `kind="equals"`, the field may equal `value`: a number exactly (ints and floats alike),
+    a string by its words in order, so a candidate that SQL's own comparison then confirms."""
 
     field: tuple[str, ...]
     text: str
     kind: str = "contains"
+    value: str | int | float | None = None
 
 
 def _schema() -> tantivy.Schema:
@@ -85,14 +88,22 @@ class TextSearcher:
         rowids = self._searcher.fast_field_values("_rowid", [address for _, address in hits])
         return np.array(rowids, np.int64), np.array([score for score, _ in hits], np.float64)
 
+    def count(self, predicates: Iterable[TextPredicate]) -> int:
+        """How many documents match every predicate (cheap: no scoring, no row ids)."""
+        query = tantivy.Query.boolean_query([(tantivy.Occur.Must, self._query(p)) for p in predicates])
+        return self._searcher.search(query, 1, count=True).count
+
     def _query(self, predicate: TextPredicate) -> tantivy.Query:
         if predicate.kind == "id":
             return tantivy.Query.term_query(self._schema, "_id", predicate.text)
-        path = ".".join((_DOC, *predicate.field))
+        # tantivy splits a JSON path at dots: a dot (or backslash) inside a name is escaped.
+        path = ".".join((_DOC, *(name.replace("\\", "\\\\").replace(".", "\\.") for name in predicate.field)))
+        if predicate.kind == "equals" and not isinstance(predicate.value, str):
+            return tantivy.Query.term_query(self._schema, path, predicate.value)
         words = WORDS.analyze(predicate.text)
         if not words:
             return tantivy.Query.empty_query()
-        if predicate.kind == "phrase" and len(words) > 1:
+        if predicate.kind in ("phrase", "equals") and len(words) > 1:
             return tantivy.Query.phrase_query(self._schema, path, words)
         terms = [tantivy.Query.term_query(self._schema, path, word) for word in words]
         return terms[0] if len(terms) == 1 else tantivy.Query.boolean_query([(tantivy.Occur.Must, t) for t in terms])
@@ -138,9 +149,9 @@ class TextIndex:
         for doc_id in removed_ids:
             self._writer.delete_documents_by_term("_id", doc_id)
         for doc_id, rowid, fields in added:
-            document = tantivy.Document(_id=doc_id, _rowid=rowid)
-            document.add_json(_DOC, orjson.dumps(fields, default=_json_value).decode())
-            self._writer.add_document(document)
+            # One JSON text per document, parsed by tantivy straight into its own document:
+            # cheaper than building a `tantivy.Document`, which `add_document` then copies.
+            self._writer.add_json(orjson.dumps({"_id": doc_id, "_rowid": rowid, _DOC: fields}, default=_json_value).decode())
 
     def commit(self, generation: int) -> None:
         self._writer.delete_documents_by_term("_id", _MARKER_ID)

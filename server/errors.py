@@ -48,7 +48,10 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        return error_response(error.status, error.reason.upper().replace(" ", "_"), error.reason)
+        # aiohttp's own text says more than the reason when it is not just "413: <reason>"
+        # ("Maximum request body size 8388608 exceeded, actual body size 9437198").
+        detailed = error.text and not error.text.startswith(f"{error.status}:")
+        return error_response(error.status, error.reason.upper().replace(" ", "_"), error.text if detailed else error.reason)
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return error_response(500, "INTERNAL_ERROR", "internal error; the server log has the details")

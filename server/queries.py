@@ -1,8 +1,11 @@
 """SQL over HTTP: `POST /v1/orgs/self/queries`, pages of large results, and `run_sql`,
 the one path by which both ad-hoc queries and query lambdas run.
 
-A query plans and runs in a worker thread (at most `MAX_CONCURRENT_QUERIES` at once) on
-one snapshot per collection. Without pagination the answer holds at most `row_limit` rows.
+A query plans and runs in a thread of the `QueryRunner` on one snapshot per collection,
+within the server's `QueryLimits`: a few queries run at once, a bounded number wait, and
+beyond that the answer is a 429 at once. The time limit counts from arrival; at the
+deadline the client gets a 408 and the query's own liveness check (sql/engine.py) stops
+its work within one batch. Without pagination the answer holds at most `row_limit` rows.
 With `sql.paginate: true` (Rockset's shape) the server keeps up to `MAX_PAGINATED_ROWS`
 rows of the result for `RESULTS_TTL_S`, answers with the first page and a cursor, and
 serves the next pages from `GET /v1/orgs/self/queries/{query_id}/pages/{cursor}?docs=N`.
@@ -12,11 +15,13 @@ Kept results live in memory within a byte budget; the oldest are dropped first.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pyarrow as pa
 from aiohttp import web
@@ -31,11 +36,71 @@ MAX_ROW_LIMIT = 100_000  # rows in one answer or page
 MAX_PAGINATED_ROWS = 1_000_000  # rows a paginated query keeps for its pages
 DEFAULT_TIMEOUT_MS = 120_000  # Rockset's synchronous default
 MAX_TIMEOUT_MS = 600_000
-MAX_CONCURRENT_QUERIES = 8
 RESULTS_TTL_S = 30 * 60
 RESULTS_MAX_BYTES = 512 * 2**20
+# How long after its deadline a query's answer may come: the engine stops at the next batch.
+TIMEOUT_GRACE_S = 0.25
 
-QUERY_SLOTS = web.AppKey("query_slots", asyncio.Semaphore)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """Server-wide limits on queries (`shoal serve --max-concurrent-queries` etc.)."""
+
+    # Queries running at once, each on one core: a few per core, so a cheap query shares the
+    # cores with slow ones rather than waiting for them to end.
+    concurrent: int = max(4, 2 * (os.cpu_count() or 2))
+    queued: int = 64  # waiting for a turn; beyond that a 429 at once
+    memory_bytes: int = engine.DEFAULT_MEMORY_BYTES  # per query (hash tables, sorts, aggregates)
+    max_result_bytes: int = engine.DEFAULT_MAX_RESULT_BYTES  # Arrow bytes of one answer
+
+
+class QueryRunner:
+    """Runs queries in threads of its own, so that no number of queries takes the threads
+    ingest writes with, and admits at most `concurrent + queued` at once. A query counts
+    until its thread is done, even after its client got a 408, so the cap is on real work."""
+
+    def __init__(self, limits: QueryLimits) -> None:
+        self.limits = limits
+        self._pool = ThreadPoolExecutor(limits.concurrent, thread_name_prefix="query")
+        self._running: set[engine.Liveness] = set()
+
+    async def run(self, work: Callable[[], T], liveness: engine.Liveness) -> T:
+        if len(self._running) >= self.limits.concurrent + self.limits.queued:
+            raise ApiError(
+                429, "TOO_MANY_QUERIES",
+                f"{len(self._running)} queries are running or waiting, the most this server takes: retry later",
+            )
+        self._running.add(liveness)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, work)
+        future.add_done_callback(lambda done: self._finished(done, liveness))
+        try:
+            remaining = liveness.deadline - time.perf_counter()
+            return await asyncio.wait_for(asyncio.shield(future), max(remaining, 0) + TIMEOUT_GRACE_S)
+        except asyncio.TimeoutError:
+            liveness.cancelled.set()
+            raise engine.QueryTimeout(f"query exceeded its time limit of {liveness.timeout_s * 1000:.0f} ms") from None
+        except asyncio.CancelledError:
+            liveness.cancelled.set()
+            raise
+
+    def _finished(self, done: asyncio.Future, liveness: engine.Liveness) -> None:
+        self._running.discard(liveness)
+        if not done.cancelled():
+            done.exception()  # seen by its handler, or the handler is gone (408, shutdown)
+
+    def cancel_all(self) -> None:
+        for liveness in self._running:
+            liveness.cancelled.set()
+
+    async def close(self) -> None:
+        """Stop every query still running (the server is shutting down) and wait for the threads."""
+        self.cancel_all()
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+
+
+QUERY_RUNNER = web.AppKey("query_runner", QueryRunner)
 
 routes = web.RouteTableDef()
 
@@ -126,20 +191,31 @@ async def run_sql(app: web.Application, query: str, parameters: list[dict[str, A
         snapshot = snapshot_of(workspace, name)
         return None if snapshot is None else snapshot.query_schema
 
-    def plan_and_run() -> tuple[planner.PreparedQuery, engine.QueryResult]:
-        prepared = planner.prepare(query, parameters, schema_of)
-        return prepared, engine.execute(prepared, snapshot_of, options.row_limit, options.timeout_s)
+    runner = app[QUERY_RUNNER]
+    liveness = engine.Liveness(options.timeout_s)
 
-    async with app[QUERY_SLOTS]:
-        try:
-            prepared, result = await asyncio.to_thread(plan_and_run)
-        except planner.QueryError as error:
-            message = str(error)
-            if error.line is not None:
-                message += f" (line {error.line}, column {error.column})"
-            raise ApiError(400, "QUERY_ERROR", message) from None
-        except engine.QueryTimeout as error:
-            raise ApiError(408, "QUERY_TIMEOUT", str(error)) from None
+    def plan_and_run() -> tuple[planner.PreparedQuery, engine.QueryResult]:
+        liveness.check()  # it may have waited its whole time for a turn
+        prepared = planner.prepare(query, parameters, schema_of)
+        limits = runner.limits
+        result = engine.execute(
+            prepared, snapshot_of, options.row_limit, options.timeout_s, liveness, limits.memory_bytes, limits.max_result_bytes
+        )
+        return prepared, result
+
+    try:
+        prepared, result = await runner.run(plan_and_run, liveness)
+    except planner.QueryError as error:
+        message = str(error)
+        if error.line is not None:
+            message += f" (line {error.line}, column {error.column})"
+        raise ApiError(400, "QUERY_ERROR", message) from None
+    except engine.QueryTimeout as error:
+        raise ApiError(408, "QUERY_TIMEOUT", str(error)) from None
+    except engine.ResourcesExceeded as error:
+        raise ApiError(400, "RESOURCES_EXCEEDED", str(error)) from None
+    except engine.QueryCancelled:
+        raise ApiError(503, "SHUTTING_DOWN", "the server is shutting down: retry on its next start") from None
     query_id = str(uuid.uuid4())
     table = result.table
     answer: dict[str, Any] = {"query_id": query_id, "status": "COMPLETED"}

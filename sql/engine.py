@@ -5,28 +5,83 @@ snapshots it reads, registered zero-copy as `workspace.collection`, and the docu
 matching each `SEARCH(...)`, found by the snapshot's text index, as `_search.sN`. DataFusion's SQLOptions
 refuse DDL, DML and SET a second time, behind the planner's check. Column names are case
 sensitive, as DynamoDB attribute names are.
+
+Limits. DataFusion cannot be interrupted from outside once a batch is being computed, so a
+query carries its own `Liveness` check, a volatile Python function that raises once the
+query is past its deadline or cancelled: every collection is registered behind a view
+that calls it on each batch of at most `BATCH_ROWS` rows, and the planner adds it above
+every join and table function (`PreparedQuery.checks`), where a cross join's work happens.
+A query gets its own memory pool (`memory_bytes`, no spilling to disk): hash tables,
+sorts and aggregates beyond it fail with `ResourcesExceeded`, the server lives on. The
+answer is capped at `row_limit` rows and `max_result_bytes`. Each query runs on one
+partition, so all of its work happens in the calling thread (DataFusion's shared tokio
+workers would otherwise let a runaway query starve every other query and the ingest's
+field mappings), and a bounded pool of such threads (server/queries.py) is the
+concurrency limit.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import datafusion
 import pyarrow as pa
-from datafusion import SessionConfig, SessionContext, SQLOptions
+import pyarrow.compute as pc
+from datafusion import RuntimeEnvBuilder, SessionConfig, SessionContext, SQLOptions, udf
 
-from shoal.index.collection import Snapshot
+from shoal.index.collection import SCORE_COLUMN, Snapshot
 from shoal.index.doctypes import type_name
 
-from .planner import DEFAULT_WORKSPACE, SEARCH_SCHEMA, PreparedQuery, QueryError
+from .planner import ALIVE_FUNCTION, DEFAULT_WORKSPACE, SEARCH_SCHEMA, DirectSearch, PreparedQuery, QueryError, Search
 
 _READ_ONLY = SQLOptions().with_allow_ddl(False).with_allow_dml(False).with_allow_statements(False)
 
 
+BATCH_ROWS = 8192  # the largest batch a scan hands on between two liveness checks
+DEFAULT_MEMORY_BYTES = 1 << 30
+DEFAULT_MAX_RESULT_BYTES = 256 << 20
+# Where each collection's batches are registered; queries read them through a checking view.
+_RAW_SCHEMA = "_raw"
+
+
 class QueryTimeout(Exception):
     pass
+
+
+class QueryCancelled(Exception):
+    pass
+
+
+class ResourcesExceeded(Exception):
+    """The query needs more memory, or answers with more bytes, than a query may."""
+
+
+@dataclass(eq=False)  # each query's own: compared and hashed by identity
+class Liveness:
+    """When a running query must stop: past `deadline` (time.perf_counter) or once cancelled
+    (the client went away, the server is shutting down)."""
+
+    timeout_s: float
+    deadline: float = field(default=0.0)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        if not self.deadline:
+            self.deadline = time.perf_counter() + self.timeout_s
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise QueryCancelled("query cancelled")
+        if time.perf_counter() > self.deadline:
+            raise QueryTimeout(f"query exceeded its time limit of {self.timeout_s * 1000:.0f} ms")
+
+    def checked(self, *columns: pa.Array) -> pa.Array:
+        """The body of the SQL liveness functions: every row passes, until time is up."""
+        self.check()
+        return pc.fill_null(pa.nulls(len(columns[0]), pa.bool_()), True)
 
 
 @dataclass(frozen=True)
@@ -59,17 +114,30 @@ def column_type(arrow_type: pa.DataType) -> str:
         return str(arrow_type)
 
 
-def _session() -> SessionContext:
+def _session(memory_bytes: int) -> SessionContext:
     config = (
         SessionConfig()
-        .with_target_partitions(2)
+        .with_target_partitions(1)
+        .with_batch_size(BATCH_ROWS)
         .with_information_schema(False)
         .with_default_catalog_and_schema("datafusion", DEFAULT_WORKSPACE)
         .set("datafusion.sql_parser.enable_ident_normalization", "false")
+        .set("datafusion.execution.enable_recursive_ctes", "false")  # a query that never ends
     )
-    context = SessionContext(config)
+    runtime = RuntimeEnvBuilder().with_disk_manager_disabled().with_greedy_memory_pool(memory_bytes)
+    context = SessionContext(config, runtime)
     context.catalog().register_schema(DEFAULT_WORKSPACE, datafusion.catalog.Schema.memory_schema())
+    context.catalog().register_schema(_RAW_SCHEMA, datafusion.catalog.Schema.memory_schema())
     return context
+
+
+def _register_checked(context: SessionContext, name: str, batches: list[pa.RecordBatch], raw: str) -> None:
+    """Register `batches` as table `name`, read through the liveness check every BATCH_ROWS
+    (`raw` holds them, under a name no query can say)."""
+    raw = f"{_RAW_SCHEMA}.{raw}"
+    sliced = [b.slice(start, BATCH_ROWS) for b in batches for start in range(0, max(b.num_rows, 1), BATCH_ROWS)]
+    context.register_record_batches(raw, [sliced])
+    context.register_view(name, context.sql(f"SELECT * FROM {raw} WHERE {ALIVE_FUNCTION}(TRUE)"))
 
 
 def execute(
@@ -77,39 +145,95 @@ def execute(
     snapshot_of: Callable[[str, str], Snapshot | None],
     row_limit: int,
     timeout_s: float,
+    liveness: Liveness | None = None,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
 ) -> QueryResult:
     """Run `prepared`, returning at most `row_limit` rows; blocking (call it from a thread)."""
     started = time.perf_counter()
-    deadline = started + timeout_s
-    context = _session()
+    if prepared.direct is not None:
+        table = _answer_directly(prepared, prepared.direct, snapshot_of, row_limit)
+        if table is not None:
+            return QueryResult(table, (time.perf_counter() - started) * 1000)
+    liveness = liveness or Liveness(timeout_s)
+    context = _session(memory_bytes)
+    for name, input_types in {ALIVE_FUNCTION: (pa.bool_(),), **dict(prepared.checks)}.items():
+        context.register_udf(udf(liveness.checked, list(input_types), pa.bool_(), "volatile", name=name))
     catalog = context.catalog()
     snapshots = {}  # one per collection: its table and its searches read the same state
     for workspace, name in prepared.collections:
         snapshot = snapshots[workspace, name] = snapshot_of(workspace, name)
         if snapshot is None:
             raise QueryError(f"collection '{workspace}.{name}' does not exist")
+        if (workspace, name) not in prepared.tables:
+            continue  # read only through its searches
         if workspace not in catalog.schema_names():
             catalog.register_schema(workspace, datafusion.catalog.Schema.memory_schema())
-        context.register_record_batches(f"{workspace}.{name}", [snapshot.batches()])
+        _register_checked(context, f"{workspace}.{name}", snapshot.batches(), f"c{len(snapshots)}")
     if prepared.searches:
         catalog.register_schema(SEARCH_SCHEMA, datafusion.catalog.Schema.memory_schema())
     for search in prepared.searches:
-        matches = snapshots[search.collection].search(search.predicates, search.limit)
-        context.register_record_batches(f"{SEARCH_SCHEMA}.{search.table}", [matches])
+        snapshot = snapshots[search.collection]
+        if search.optional and not _index_narrows(snapshot, search):
+            matches = snapshot.batches()  # the SQL applies the same conditions to every document
+        else:
+            matches = snapshot.search(search.predicates, search.limit)
+        _register_checked(context, f"{SEARCH_SCHEMA}.{search.table}", matches, f"s_{search.table}")
     try:
         frame = context.sql_with_options(prepared.sql, _READ_ONLY).limit(row_limit)
         batches = []
+        size = 0
         for batch in frame.execute_stream():
             batches.append(batch.to_pyarrow())
-            if time.perf_counter() > deadline:
-                raise QueryTimeout(f"query exceeded its time limit of {timeout_s * 1000:.0f} ms")
+            size += batches[-1].nbytes
+            if size > max_result_bytes:
+                raise ResourcesExceeded(
+                    f"the answer is larger than {max_result_bytes >> 20} MiB: select fewer columns or rows, or paginate"
+                )
+            liveness.check()
         # Not schema().empty_table(): pyarrow cannot make empty union columns that way.
         table = pa.Table.from_batches(batches) if batches else pa.Table.from_batches([], schema=frame.schema())
+    except (QueryTimeout, QueryCancelled, ResourcesExceeded):
+        raise
     except Exception as error:
-        if isinstance(error, QueryTimeout):
-            raise
-        raise QueryError(_clean_message(str(error))) from None
+        liveness.check()  # a liveness function stopped the query: say why, not where
+        message = _clean_message(str(error))
+        if "Resources exhausted" in message:
+            raise ResourcesExceeded(
+                f"the query needs more than its {memory_bytes >> 20} MiB of memory: {message}"
+            ) from None
+        raise QueryError(message) from None
     return QueryResult(table, (time.perf_counter() - started) * 1000)
+
+
+# An index filter pays per candidate (collect, find its row, take it) what a scan pays per
+# document in bulk; measured on 1M documents (bench/query_search.py), candidates win below
+# about this fraction of the collection.
+INDEX_FILTER_MAX_FRACTION = 0.02
+
+
+def _index_narrows(snapshot: Snapshot, search: Search) -> bool:
+    """Whether reading the index filter's candidates beats scanning the collection."""
+    assert snapshot.searcher is not None, "a published snapshot always has its searcher"
+    return snapshot.searcher.count(search.predicates) <= snapshot.doc_count * INDEX_FILTER_MAX_FRACTION
+
+
+def _answer_directly(
+    prepared: PreparedQuery, direct: DirectSearch, snapshot_of: Callable[[str, str], Snapshot | None], row_limit: int
+) -> pa.Table | None:
+    """The answer of a query that only lists its search's matches, taken from the matches
+    themselves; None when DataFusion must answer (a column the matches lack is its error)."""
+    search = prepared.searches[0]
+    snapshot = snapshot_of(*search.collection)
+    if snapshot is None:
+        raise QueryError(f"collection '{'.'.join(search.collection)}' does not exist")
+    matches = pa.Table.from_batches(snapshot.search(search.predicates, search.limit))
+    if any(name not in matches.column_names for name, _ in direct.columns):
+        return None
+    if direct.by_score:
+        matches = matches.sort_by([(SCORE_COLUMN, "descending")])
+    matches = matches.slice(0, min(row_limit, direct.limit if direct.limit is not None else row_limit))
+    return matches.select([name for name, _ in direct.columns]).rename_columns([output for _, output in direct.columns])
 
 
 def _clean_message(message: str) -> str:

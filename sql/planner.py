@@ -13,9 +13,13 @@ them.
 
 from __future__ import annotations
 
+import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import orjson
 import pyarrow as pa
 import sqlglot
 from sqlglot import exp
@@ -25,7 +29,8 @@ from sqlglot.tokens import TokenType
 
 from shoal.index.collection import SCORE_COLUMN
 from shoal.index.doctypes import type_name
-from shoal.index.textindex import TextPredicate
+from shoal.index.segment import SYSTEM_NAMES
+from shoal.index.textindex import WORDS, TextPredicate
 
 DEFAULT_WORKSPACE = "commons"
 # Where the engine registers each search's matching documents (no workspace name starts with "_").
@@ -76,6 +81,20 @@ class Search:
     collection: tuple[str, str]
     predicates: tuple[TextPredicate, ...]
     limit: int | None
+    # An index filter: its conditions are also in the SQL, so the engine may read the whole
+    # collection instead when the index would not narrow the scan much.
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class DirectSearch:
+    """A query that only lists the matches of its one search (`SELECT a, SCORE() AS s FROM c
+    WHERE SEARCH(...) ORDER BY SCORE() DESC LIMIT 10`): the engine answers it from the
+    matches without DataFusion, whose planning would cost more than a selective search."""
+
+    columns: tuple[tuple[str, str], ...]  # (column of the matches, output name), in order
+    by_score: bool  # ORDER BY SCORE() DESC
+    limit: int | None
 
 
 @dataclass(frozen=True)
@@ -83,13 +102,64 @@ class PreparedQuery:
     sql: str
     collections: tuple[tuple[str, str], ...]  # (workspace, collection) in first-seen order
     searches: tuple[Search, ...] = ()
+    direct: DirectSearch | None = None
+    # Liveness functions the engine must define: (name, argument types); see _add_liveness_checks.
+    checks: tuple[tuple[str, tuple[pa.DataType, ...]], ...] = ()
+    # The collections the SQL still reads as tables (a search's collection may be read only
+    # through its matches, and then need not be registered).
+    tables: tuple[tuple[str, str], ...] = ()
 
 
 SchemaLookup = Callable[[str, str], pa.Schema | None]
 
 
+class _PlanCache:
+    """Recently prepared queries, reused while the schemas they were planned against hold.
+
+    Parsing and rewriting cost about a millisecond, more than a selective search itself, and
+    dashboards send the same statements again and again. A plan depends only on the text,
+    the parameters and the schemas it looked up, so a hit is checked against the current
+    schemas (a collection whose schema grew is planned again)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._plans: OrderedDict[tuple[str, bytes], tuple[PreparedQuery, tuple]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def prepare(self, query: str, parameters: list[dict[str, Any]], schema_of: SchemaLookup) -> PreparedQuery:
+        try:
+            key = (query, orjson.dumps(parameters, option=orjson.OPT_SORT_KEYS))
+        except TypeError:
+            return _prepare(query, parameters, schema_of)  # a parameter value JSON cannot hold: binding says why
+        with self._lock:
+            cached = self._plans.get(key)
+            if cached is not None:
+                self._plans.move_to_end(key)
+        if cached is not None and all(schema_of(*name) == schema for name, schema in cached[1]):
+            return cached[0]
+        looked_up: dict[tuple[str, str], pa.Schema | None] = {}
+
+        def recording_schema_of(workspace: str, name: str) -> pa.Schema | None:
+            looked_up[workspace, name] = schema = schema_of(workspace, name)
+            return schema
+
+        prepared = _prepare(query, parameters, recording_schema_of)
+        with self._lock:
+            self._plans[key] = (prepared, tuple(looked_up.items()))
+            while len(self._plans) > self._size:
+                self._plans.popitem(last=False)
+        return prepared
+
+
+_PLANS = _PlanCache(512)
+
+
 def prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLookup) -> PreparedQuery:
     """Validate `query`, bind `parameters`, rewrite what DataFusion cannot say itself."""
+    return _PLANS.prepare(query, parameters, schema_of)
+
+
+def _prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLookup) -> PreparedQuery:
     tree = parse_single_query(query)
     changed = _rewrite_lateral_unnest(tree)
     collections = _collections(tree)
@@ -104,8 +174,12 @@ def prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLooku
     changed |= _rewrite_typed_comparisons(tree, collections, schema_of)
     changed |= _rewrite_mixed_numbers(tree, collections, schema_of)
     _keep_output_names(tree, names)
+    direct = _direct_search(tree, searches)
+    checks = _add_liveness_checks(tree)
+    changed |= bool(checks)
     sql = tree.sql(dialect=_DIALECT, normalize_functions=False) if changed else query
-    return PreparedQuery(sql, tuple(collections), tuple(searches))
+    tables = [c for c in _collections(tree) if c[0] != SEARCH_SCHEMA]
+    return PreparedQuery(sql, tuple(collections), tuple(searches), direct, tuple(checks.items()), tuple(tables))
 
 
 def _output_names(tree: exp.Expression) -> dict[int, str]:
@@ -147,7 +221,74 @@ def parse_single_query(query: str) -> exp.Expression:
     for node in tree.walk():
         if isinstance(node, (exp.DDL, exp.DML, exp.Command, exp.Set, exp.Into)):
             raise QueryError(f"only queries are allowed, found {node.key.upper()}")
+        if isinstance(node, exp.Table) and not node.name:
+            _check_table_function(node.this)
     return tree
+
+
+# The engine's liveness check (sql/engine.py `Liveness`): `_shoal_alive(TRUE)` on any rows, and
+# `_shoal_alive_N(a._id, b._id, ...)` above a join of N sources, where it names a column of
+# every side so that DataFusion cannot push it below the join, where it would not run.
+ALIVE_FUNCTION = "_shoal_alive"
+
+
+def _add_liveness_checks(tree: exp.Expression) -> dict[str, tuple[pa.DataType, ...]]:
+    """Make the query check its deadline where its work is not bounded by the collections'
+    size: on the rows of every table function, and on the output of every join whose sides
+    are all collections (scans check it themselves). Returns the functions used."""
+    checks: dict[str, tuple[pa.DataType, ...]] = {}
+    cte_names = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
+    for select in list(tree.find_all(exp.Select)):
+        source = select.args.get("from_")
+        if source is None:
+            continue
+        sources = [source.this] + [join.this for join in select.args.get("joins") or []]
+        for table in sources:
+            if isinstance(table, exp.Table) and not table.name:
+                checked = exp.select("*").from_(exp.Table(this=_table_function_call(table.this)))
+                checked = checked.where(exp.Anonymous(this=ALIVE_FUNCTION, expressions=[exp.true()]))
+                table.replace(exp.Subquery(this=checked, alias=table.args.get("alias")))
+                checks[ALIVE_FUNCTION] = (pa.bool_(),)
+        ids = [_id_column(table, cte_names) for table in sources]
+        if len(ids) > 1 and all(ids):
+            name = f"{ALIVE_FUNCTION}_{len(ids)}"
+            checks[name] = (pa.string(),) * len(ids)
+            select.where(exp.Anonymous(this=name, expressions=ids), append=True, copy=False)
+    return checks
+
+
+def _table_function_call(function: exp.Expression) -> exp.Expression:
+    """The call as DataFusion names it (sqlglot would print GENERATE_SERIES, an unknown name
+    to DataFusion's case-sensitive lookup)."""
+    if isinstance(function, exp.ExplodingGenerateSeries):
+        arguments = [function.args[k].copy() for k in ("start", "end", "step") if function.args.get(k)]
+        return exp.Anonymous(this="generate_series", expressions=arguments)
+    return function.copy()
+
+
+def _id_column(source: exp.Expression, cte_names: set[str]) -> exp.Column | None:
+    """`_id` of a collection read by `source` (every collection has one), else None."""
+    if not isinstance(source, exp.Table) or not source.name or (not source.db and source.name in cte_names):
+        return None
+    if source.alias:
+        return exp.column("_id", table=source.alias)
+    return exp.column("_id", table=source.name, db=source.db or None)
+
+
+# Table functions that only compute: anything else in FROM (read_csv, parquet_metadata, a
+# function a later DataFusion adds) could read files or the network, so it is refused.
+_TABLE_FUNCTIONS = {"generate_series", "range"}
+
+
+def _check_table_function(source: exp.Expression) -> None:
+    if isinstance(source, exp.ExplodingGenerateSeries):
+        return
+    name = source.name if isinstance(source, exp.Anonymous) else source.key
+    if name.lower() not in _TABLE_FUNCTIONS:
+        raise QueryError(
+            f"table function '{name}' is not allowed: queries read collections, "
+            f"unnest(...) and {', '.join(sorted(_TABLE_FUNCTIONS))}(...)"
+        )
 
 
 # The column that joins an unnested element back to its document (see _rewrite_lateral_unnest).
@@ -302,6 +443,8 @@ def _plan_searches(tree: exp.Expression, schema_of: SchemaLookup) -> list[Search
         table = _single_table(select, cte_names)
         lookups = [c for c in conditions if table is not None and _id_lookup(c, table) is not None]
         if not calls and not lookups:
+            if table is not None:
+                _plan_index_filter(select, table, conditions, schema_of, searches)
             continue
         if table is None:  # so there is a SEARCH: a lookup needs a table
             raise QueryError("SEARCH(...) needs a SELECT over one collection; join its result in an outer query")
@@ -330,6 +473,73 @@ def _plan_searches(tree: exp.Expression, schema_of: SchemaLookup) -> list[Search
         if call.name.upper() == "SCORE":
             raise QueryError("SCORE() needs a SEARCH(...) in the WHERE clause of the same SELECT")
     return searches
+
+
+def _plan_index_filter(
+    select: exp.Select, table: exp.Table, conditions: list[exp.Expression], schema_of: SchemaLookup, searches: list[Search]
+) -> None:
+    """`WHERE field = literal AND ...` over one collection → an optional `Search` that finds
+    candidates in the text index; the condition stays in the WHERE, so the answer is the same
+    whether the engine uses the candidates or (when the index would not narrow the scan much)
+    the whole collection. Only where the index holds every equal value: strings whose words
+    the index keeps, numbers in plain number fields (decimals are indexed as text)."""
+    collection = (table.db or DEFAULT_WORKSPACE, table.name)
+    schema = schema_of(*collection)
+    if schema is None:
+        return
+    qualifiers = {table.alias or table.name, table.name}
+    predicates = [p for p in (_equality_predicate(c, schema, qualifiers) for c in conditions) if p is not None]
+    if not predicates:
+        return
+    _expand_stars(select, schema.names)
+    name = f"s{len(searches)}"
+    alias = table.alias or table.name
+    table.replace(exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(SEARCH_SCHEMA), alias=exp.TableAlias(this=exp.to_identifier(alias))))
+    searches.append(Search(name, collection, tuple(predicates), None, optional=True))
+
+
+_INDEXED_NUMBER_MEMBERS = {"int", "float", "null"}
+_EXACT_FLOAT_INTEGERS = 2**53
+
+
+def _equality_predicate(condition: exp.Expression, schema: pa.Schema, qualifiers: set[str]) -> TextPredicate | None:
+    if not isinstance(condition, exp.EQ):
+        return None
+    for field, literal in ((condition.this, condition.expression), (condition.expression, condition.this)):
+        path = _path(field) if isinstance(field, (exp.Column, exp.Dot, exp.Bracket)) else None
+        if path is None or not isinstance(literal, exp.Literal):
+            continue
+        if len(path) > 1 and path[0] in qualifiers and _walk(schema, path) is None:
+            path = path[1:]
+        arrow_type = _walk(schema, path)
+        if arrow_type is None or path[0] in SYSTEM_NAMES:
+            continue
+        members = set(_member_names(arrow_type))
+        if literal.is_string:
+            words = WORDS.analyze(literal.name)
+            # Every word kept (none too long, none split differently), or the index could miss it.
+            if "string" in members and words and words == _plain_words(literal.name):
+                return TextPredicate(tuple(path), literal.name, kind="equals", value=literal.name)
+        elif members <= _INDEXED_NUMBER_MEMBERS and members & {"int", "float"}:
+            value = float(literal.name) if not literal.is_int else int(literal.name)
+            if abs(value) < _EXACT_FLOAT_INTEGERS:
+                return TextPredicate(tuple(path), literal.name, kind="equals", value=value)
+    return None
+
+
+def _member_names(arrow_type: pa.DataType) -> list[str]:
+    if pa.types.is_union(arrow_type):
+        return [f.name for f in arrow_type]
+    try:
+        return [type_name(arrow_type)]
+    except TypeError:
+        return []
+
+
+def _plain_words(text: str) -> list[str]:
+    """The words a tokenizer splitting at every non-alphanumeric character finds, lowercased:
+    what `WORDS` gives when it drops nothing."""
+    return re.findall(r"[^\W_]+", text.lower())
 
 
 def _single_table(select: exp.Select, cte_names: set[str]) -> exp.Table | None:
@@ -407,6 +617,41 @@ def _best_only(select: exp.Select) -> int | None:
     if not (count.is_int and skip.is_int):
         return None
     return int(count.name) + int(skip.name)
+
+
+def _direct_search(tree: exp.Expression, searches: list[Search]) -> DirectSearch | None:
+    """The DirectSearch when `tree` (rewritten) is one SELECT of plain columns over its one
+    search's matches, ordered by score or not at all, with nothing else to compute."""
+    if len(searches) != 1 or not isinstance(tree, exp.Select) or tree.args.get("with") or tree.args.get("joins"):
+        return None
+    source = tree.args.get("from_")
+    if source is None or not isinstance(source.this, exp.Table) or source.this.db != SEARCH_SCHEMA:
+        return None
+    if any(tree.args.get(k) for k in ("where", "group", "having", "distinct", "qualify", "offset")):
+        return None
+    order, limit = tree.args.get("order"), tree.args.get("limit")
+    if order is not None:
+        keys = order.expressions
+        if len(keys) != 1 or not keys[0].args.get("desc") or not _is_column(keys[0].this, SCORE_COLUMN, ""):
+            return None
+    if limit is not None and not limit.expression.is_int:
+        return None
+    alias = source.this.alias_or_name
+    columns = []
+    for expression in tree.expressions:
+        column = expression.this if isinstance(expression, exp.Alias) else expression
+        if not isinstance(column, exp.Column) or isinstance(column.this, exp.Star) or column.args.get("db"):
+            return None
+        if column.table not in ("", alias):
+            return None  # `address.city`: a nested field, which DataFusion resolves
+        columns.append((column.name, expression.alias if isinstance(expression, exp.Alias) else column.name))
+    if len({output for _, output in columns}) != len(columns):
+        return None  # DataFusion refuses duplicate output names; let it say so
+    return DirectSearch(tuple(columns), order is not None, int(limit.expression.name) if limit is not None else None)
+
+
+def _is_column(node: exp.Expression, name: str, table: str) -> bool:
+    return isinstance(node, exp.Column) and node.name == name and node.table == table
 
 
 # The kind of value each document type compares as; a literal only ever matches its own kind.

@@ -7,13 +7,17 @@ and deletes; each answer is compared with what plain Python finds in the same do
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
+from decimal import Decimal
 
+import orjson
 import pytest
 
 from shoal.index.collection import Change, Collection
 from support import wait_until
+from shoal.sql import engine
 from shoal.sql.engine import execute
 from shoal.sql.planner import QueryError, prepare
 
@@ -215,3 +219,93 @@ async def test_point_lookups_by_id_equal_a_filter(corpus, where):
     schema_of = lambda *_: collection.snapshot().query_schema  # noqa: E731
     assert prepare(f"SELECT _id FROM docs WHERE {where}", [], schema_of).searches
     assert not prepare(f"WITH plain AS (SELECT * FROM docs) SELECT _id FROM plain AS docs WHERE {where}", [], schema_of).searches
+
+
+@pytest.mark.parametrize(
+    "select",
+    [
+        "SELECT _id, SCORE() AS s FROM docs WHERE SEARCH(CONTAINS(title, 'alpha')) ORDER BY SCORE() DESC LIMIT 7",
+        "SELECT * FROM docs WHERE SEARCH(CONTAINS(title, 'alpha beta')) ORDER BY SCORE() DESC LIMIT 5",
+        "SELECT d._id, d.body, SCORE() FROM commons.docs AS d WHERE SEARCH(PHRASE(body, 'gamma delta')) ORDER BY SCORE() DESC LIMIT 50",
+        "SELECT title AS t, n FROM docs WHERE SEARCH(CONTAINS(tags, 'eta'))",
+        "SELECT _id, n FROM docs WHERE SEARCH(CONTAINS(meta.tag, 'iota')) LIMIT 3",
+        "SELECT * FROM docs WHERE _id = 'd17'",
+    ],
+)
+async def test_searches_answered_without_datafusion_equal_its_answers(corpus, select, monkeypatch):
+    """Listing a search's matches skips DataFusion (`DirectSearch`); the answer must be the same."""
+    collection, _, _ = corpus
+    rng = random.Random(11)
+
+    def doc() -> dict:  # words repeated a random number of times, so that scores differ
+        return {**random_doc(rng), "title": " ".join(rng.choice(VOCABULARY[:3]) for _ in range(rng.randint(1, 12)))}
+
+    for first in range(0, 300, 100):  # several segments: matches come segment by segment
+        await collection.apply([Change(f"d{i}", doc(), 0, META) for i in range(first, first + 100)], None)
+    prepared = prepare(select, [], lambda *_: collection.snapshot().query_schema)
+    via_datafusion = dataclasses.replace(prepared, direct=None)
+    expected = execute(via_datafusion, lambda *_: collection.snapshot(), 100_000, 30).table
+    with monkeypatch.context() as patched:
+        patched.setattr(engine, "_session", lambda *_: pytest.fail("DataFusion was asked"))
+        direct = execute(prepared, lambda *_: collection.snapshot(), 100_000, 30).table
+    assert prepared.direct is not None
+    assert direct.schema == expected.schema and direct.num_rows == expected.num_rows > 0
+    key = lambda row: orjson.dumps(row, option=orjson.OPT_SORT_KEYS, default=str)  # noqa: E731
+    if "LIMIT" not in select:
+        assert sorted(map(key, direct.to_pylist())) == sorted(map(key, expected.to_pylist()))
+    score = next((name for name in direct.column_names if name in ("s", "SCORE()")), None)
+    if score is not None:  # the same scores best first; the same rows, but for ties at the cut
+        scores = direct.column(score).to_pylist()
+        assert scores == expected.column(score).to_pylist() == sorted(scores, reverse=True)
+        above_cut = lambda table: sorted(key(r) for r in table.to_pylist() if r[score] > scores[-1])  # noqa: E731
+        assert above_cut(direct) == above_cut(expected)
+
+
+async def test_a_direct_search_of_an_unknown_column_is_datafusions_error(corpus):
+    collection, _, query = corpus
+    await collection.apply([Change("a", {"title": "alpha"}, 0, META)], None)
+    with pytest.raises(QueryError, match="missing"):
+        query("SELECT _id, missing FROM docs WHERE SEARCH(CONTAINS(title, 'alpha'))")
+
+
+async def test_a_cached_plan_follows_a_changed_schema(corpus):
+    """Plans are reused (`prepare` caches them) only while the schemas they read are unchanged:
+    `typeof(n)` is a constant over an int field, per value over a mixed one."""
+    collection, _, query = corpus
+    await collection.apply([Change("a", {"n": 1}, 0, META)], None)
+    assert query("SELECT _id, typeof(n) AS t FROM docs") == [{"_id": "a", "t": "int"}]
+    await collection.apply([Change("b", {"n": "1"}, 0, META)], None)
+    assert sorted(map(tuple, map(dict.values, query("SELECT _id, typeof(n) AS t FROM docs")))) == [("a", "int"), ("b", "string")]
+
+
+async def test_equality_filters_from_the_index_equal_a_scan(corpus, monkeypatch):
+    """`field = literal` may be answered from index candidates (`Search.optional`); with the
+    index always used and never used, random filters over mixed-type fields agree."""
+    collection, _, query = corpus
+    rng = random.Random(5)
+    long_word = "x" * 45
+    strings = ["alpha", "Alpha", "alpha beta", "beta alpha", "alpha-beta", "", "  ", long_word, f"alpha {long_word}", f"alpha {long_word} beta", "3"]
+    values = [*strings, 3, 3.0, 3.5, -2, 0, True, None, Decimal("3"), 10**17]
+    docs = {}
+    for first in range(0, 240, 80):
+        changes = []
+        for i in range(first, first + 80):
+            doc = {"v": rng.choice(values), "meta": {"tag": rng.choice(strings)}, "n": rng.choice([1, 2, 2.5, 3])}
+            docs[f"d{i}"] = {k: v for k, v in doc.items() if v is not None}
+            changes.append(Change(f"d{i}", docs[f"d{i}"], 0, META))
+        await collection.apply(changes, None)
+    literals = ["'alpha'", "'Alpha'", "'alpha beta'", "'alpha-beta'", "''", f"'{long_word}'", f"'alpha {long_word}'",
+                f"'alpha {long_word} beta'", "'3'", "3", "3.0", "3.5", "-2", "0", "2.5", "2", str(10**17)]
+    for literal in literals:
+        for field in ("v", "meta.tag", "n"):
+            sql = f"SELECT _id FROM docs WHERE {field} = {literal} AND _id <> 'none'"
+            answers = []
+            for fraction in (1.0, -1.0):  # always the candidates; never
+                monkeypatch.setattr(engine, "INDEX_FILTER_MAX_FRACTION", fraction)
+                answers.append(sorted(row["_id"] for row in query(sql)))
+            assert answers[0] == answers[1], sql
+    plan = prepare("SELECT _id FROM docs WHERE meta.tag = 'alpha beta'", [], lambda *_: collection.snapshot().query_schema)
+    assert plan.searches and plan.searches[0].optional
+    assert query("SELECT _id FROM docs WHERE meta.tag = 'alpha beta' ORDER BY _id") == [
+        {"_id": k} for k in sorted(docs) if docs[k]["meta"]["tag"] == "alpha beta"
+    ]

@@ -1,0 +1,179 @@
+"""Query limits on a real Shoal server (subprocess) over a real moto table, through HTTP.
+
+A runaway query (a three-way cross join of a 1,500-document collection: 3.4 billion rows)
+must answer 408 at its deadline and stop burning CPU right after; while such queries run,
+ingest goes on and other queries get answers; more queries than the server takes get a
+429; a query over its memory budget gets a 400 and the server lives on. The server runs
+with small limits (`LimitedShoal`) so the tests stay short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from support import Dynamo, Response, ShoalProcess, run_in_thread, wait_until
+
+QUERIES = "/v1/orgs/self/queries"
+DOCS = 1500
+RUNAWAY = "SELECT COUNT(*) AS n FROM commons.big a, commons.big b, commons.big c WHERE a.n + b.n + c.n >= 0"
+CONCURRENT, QUEUED = 3, 1
+
+
+class LimitedShoal(ShoalProcess):
+    def command(self) -> list[str]:
+        return super().command() + [
+            "--max-concurrent-queries", str(CONCURRENT), "--max-queued-queries", str(QUEUED), "--query-memory-mb", "32",
+        ]
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process used so far (user + system)."""
+        fields = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, moto_server: str):
+    """A LimitedShoal with a READY collection `commons.big` of DOCS documents over table `big_<id>`."""
+    base = tmp_path_factory.mktemp("limits")
+    proc = LimitedShoal(base / "data", base / "shoal.log", key=f"key-{uuid.uuid4().hex}")
+    proc.start()
+    ddb = Dynamo(moto_server)
+    proc.table = f"big_{uuid.uuid4().hex[:8]}"
+    ddb.create_table(proc.table)
+    ddb.batch_write(proc.table, [{"pk": {"S": f"k{i:05d}"}, "n": {"N": str(i)}} for i in range(DOCS)])
+
+    async def make():
+        await proc.create_integration("limits_moto", moto_server)
+        await proc.create_collection("big", "limits_moto", proc.table)
+        await proc.wait_ready("big")
+
+        async def loaded():
+            return (await proc.query("SELECT COUNT(*) AS n FROM commons.big")) == [{"n": DOCS}]
+        await wait_until(loaded, 60, 0.2, f"commons.big to hold {DOCS} documents")
+
+    try:
+        run_in_thread(make)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def assert_error(r: Response, status: int, type_: str) -> None:
+    assert r.status == status and r.is_json, f"expected HTTP {status}, got {r}"
+    assert r.body.get("type") == type_ and r.body.get("message"), r
+
+
+async def runaway(server: ShoalProcess, timeout_ms: int) -> tuple[Response, float]:
+    started = time.monotonic()
+    r = await server.request("POST", QUERIES, {"sql": {"query": RUNAWAY}, "timeout_ms": timeout_ms})
+    return r, time.monotonic() - started
+
+
+async def test_a_runaway_query_stops_at_its_deadline(server: LimitedShoal):
+    """The 408 comes at the deadline, and the server's CPU use drops right after it (compared
+    with a second of the query's run: other processes share this machine's cores)."""
+    query = asyncio.ensure_future(runaway(server, 2000))
+    await asyncio.sleep(0.5)
+    cpu = server.cpu_seconds()
+    await asyncio.sleep(1.0)
+    running = server.cpu_seconds() - cpu
+    r, took = await query
+    assert_error(r, 408, "QUERY_TIMEOUT")
+    assert 1.9 < took < 3.0, f"the 408 came after {took:.2f} s for a 2 s limit"
+    cpu = server.cpu_seconds()
+    await asyncio.sleep(1.0)
+    after = server.cpu_seconds() - cpu
+    assert running > 0.2, f"the runaway used only {running:.2f} s of CPU in a second: the test measures nothing"
+    assert after < running / 4, f"CPU per second: {running:.2f} s while running, {after:.2f} s after the 408"
+
+
+async def test_ingest_and_queries_go_on_beside_runaways(server: LimitedShoal, moto_server: str):
+    """Two runaways take two of the three query threads and both cores; a write to the table
+    still reaches the collection within seconds, and a query gets the third thread."""
+    running = [asyncio.ensure_future(runaway(server, 10_000)) for _ in range(2)]
+    try:
+        await asyncio.sleep(1.0)
+        key = f"new{uuid.uuid4().hex[:6]}"
+        Dynamo(moto_server).client.put_item(TableName=server.table, Item={"pk": {"S": key}, "n": {"N": "-1"}})
+        written = time.monotonic()
+
+        async def visible():
+            rows = await server.query(f"SELECT n FROM commons.big WHERE pk = '{key}'")
+            return rows == [{"n": -1}]
+        await wait_until(visible, 10, 0.2, "the new item to show in SQL while runaways run")
+        lag = time.monotonic() - written
+        assert lag < 5, f"the write took {lag:.1f} s to show"
+        assert all(not task.done() for task in running), "a runaway ended early; the test proves nothing"
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    # Closing the connection does not stop a query; its own deadline does.
+    await wait_until(lambda: server_is_idle(server), 30, 0.5, "the runaways to end")
+
+
+async def server_is_idle(server: LimitedShoal) -> bool:
+    cpu = server.cpu_seconds()
+    await asyncio.sleep(0.5)
+    return server.cpu_seconds() - cpu < 0.15
+
+
+async def test_too_many_queries_get_a_429(server: LimitedShoal):
+    await wait_until(lambda: server_is_idle(server), 30, 0.5, "earlier queries to end")
+    running = [asyncio.ensure_future(runaway(server, 3000)) for _ in range(CONCURRENT + QUEUED)]
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    r = await server.request("POST", QUERIES, {"sql": {"query": "SELECT 1 AS one"}})
+    assert_error(r, 429, "TOO_MANY_QUERIES")
+    assert time.monotonic() - started < 1, "the 429 was not immediate"
+    answers = await asyncio.gather(*running)
+    for answer, took in answers:
+        assert_error(answer, 408, "QUERY_TIMEOUT")  # the queued one counted its wait too
+        assert took < 4.5, took
+    await wait_until(lambda: server_is_idle(server), 30, 0.5, "the runaways to end")
+    assert await server.query("SELECT 1 AS one") == [{"one": 1}]
+
+
+async def test_a_query_over_its_memory_gets_400_and_the_server_lives(server: LimitedShoal):
+    r = await server.request("POST", QUERIES, {"sql": {"query": (
+        "SELECT a.pk || b.pk AS k, COUNT(*) AS n FROM commons.big a, commons.big b GROUP BY a.pk || b.pk ORDER BY n DESC LIMIT 1"
+    )}})
+    assert_error(r, 400, "RESOURCES_EXCEEDED")
+    assert "32 MiB" in r.body["message"], r
+    assert await server.query("SELECT COUNT(*) AS n FROM commons.big WHERE n >= 0") == [{"n": DOCS}]
+
+
+async def test_sigterm_lets_queries_finish_then_exits(shoal: ShoalProcess, ddb: Dynamo, table_name: str):
+    """On SIGTERM a query in flight still gets its answer, a runaway is cancelled after the
+    grace period, ingest stops cleanly, and the process exits within seconds; the collection
+    then reopens whole."""
+    ddb.create_table(table_name)
+    ddb.batch_write(table_name, [{"pk": {"S": f"k{i}"}} for i in range(200)])
+    await shoal.create_integration("term_moto", ddb.endpoint_url)
+    await shoal.create_collection("term", "term_moto", table_name)
+    await shoal.wait_ready("term")
+    finishing = asyncio.ensure_future(shoal.request(
+        "POST", QUERIES, {"sql": {"query": "SELECT COUNT(*) AS n FROM generate_series(1, 150000000)"}, "timeout_ms": 60_000}))
+    endless = asyncio.ensure_future(shoal.request(
+        "POST", QUERIES, {"sql": {"query": "SELECT COUNT(*) AS n FROM generate_series(1, 1000000000000)"}, "timeout_ms": 60_000}))
+    await asyncio.sleep(0.5)
+    os.kill(shoal.proc.pid, signal.SIGTERM)
+    sent = time.monotonic()
+    r = await finishing
+    assert r.status == 200 and r.body["results"] == [{"n": 150_000_000}], r
+    await asyncio.to_thread(shoal.proc.wait, 15)
+    took = time.monotonic() - sent
+    assert shoal.proc.returncode == 0, f"exit code {shoal.proc.returncode}:\n{shoal.log_tail()}"
+    assert took < 8, f"the server took {took:.1f} s to exit"
+    answer = await asyncio.gather(endless, return_exceptions=True)
+    assert isinstance(answer[0], Exception) or answer[0].status == 503, answer
+    assert "Traceback" not in shoal.log_tail(), shoal.log_tail()
+    shoal.start()
+    assert await shoal.query("SELECT COUNT(*) AS n FROM commons.term") == [{"n": 200}]  # from disk, at once
+    await shoal.wait_ready("term", timeout=30)
