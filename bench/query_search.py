@@ -14,7 +14,10 @@ What it does, in one run on one data set:
    - search (term, phrase, two words; top 10 by score) through `POST /v1/orgs/self/queries`
      vs tantivy searching the same index in-process (top 10 hits and their row ids);
    - analytics (group-by, filter + sum, top-k, point lookup by `_id`, a join) through the
-     API vs DataFusion in-process over the same Arrow batches.
+     API vs DataFusion in-process over the same Arrow batches, and vs DuckDB in-process over
+     a copy of them (a peer a user might pick instead; same SQL, its own table).
+3. With `--json PATH`, writes the figures, every latency sample, the apply rate per batch of
+   50,000, the bench's peak RSS and the collection's size on disk vs in Arrow to PATH.
 Figures vary ±30% between runs on a shared 2-core machine; compare the ratios.
 """
 
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -34,7 +39,9 @@ from pathlib import Path
 
 import aiohttp
 import datafusion
+import duckdb
 import numpy as np
+import pyarrow as pa
 import tantivy
 
 from shoal.index.collection import Change, Collection
@@ -56,6 +63,10 @@ ANALYTICS = {
     "filter + sum": "SELECT SUM(amount) AS s FROM commons.bench WHERE quantity > 50 AND status = 'paid'",
     "top-k": "SELECT _id, amount FROM commons.bench ORDER BY amount DESC LIMIT 10",
     "point lookup by _id": "SELECT * FROM commons.bench WHERE _id = 'd123457'",
+    # Selective filters: through the API the text index gives the candidates (under 2% of the
+    # documents); the baseline, DataFusion direct, scans every document.
+    "selective filter (string)": "SELECT COUNT(*) AS n, SUM(amount) AS s FROM commons.bench WHERE address.zip = '0042'",
+    "selective filter (number)": "SELECT _id, amount FROM commons.bench WHERE quantity = 7 AND status = 'paid'",
     "join": "SELECT a.status, COUNT(*) AS n FROM commons.bench a JOIN (SELECT _id FROM commons.bench WHERE quantity = 7) b ON a._id = b._id GROUP BY a.status",
 }
 
@@ -161,11 +172,31 @@ def datafusion_direct(batches, sql: str):
     return lambda: context.sql(local).to_arrow_table()
 
 
+def duckdb_copy(batches) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB database holding a copy of the collection's rows as table `bench`."""
+    connection = duckdb.connect()
+    connection.execute("SET threads = 2")
+    connection.register("arrow_rows", pa.Table.from_batches(batches))
+    connection.execute("CREATE TABLE bench AS SELECT * FROM arrow_rows")
+    connection.unregister("arrow_rows")
+    return connection
+
+
+def duckdb_direct(connection: duckdb.DuckDBPyConnection, sql: str):
+    local = sql.replace("commons.bench", "bench")
+    return lambda: connection.sql(local).to_arrow_table()
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100k documents, fewer repetitions")
     parser.add_argument("--docs", type=int, help="number of documents (default 1,000,000; 100,000 with --quick)")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
+    parser.add_argument("--json", type=Path, help="also write the figures and latency samples to this file")
     args = parser.parse_args()
     total = args.docs or (100_000 if args.quick else 1_000_000)
     repeat = 30 if args.quick else 100
@@ -189,37 +220,61 @@ async def main() -> None:
     collection = Collection.open(storage)
     rng = np.random.default_rng(42)
     apply_seconds = 0.0
+    apply_rates = []  # documents/s of each batch: how the cost grows with the collection
     for start in range(0, total, 50_000):
         batch = documents(start, min(50_000, total - start), rng)
         started = time.perf_counter()
         await collection.apply(batch, None)
-        apply_seconds += time.perf_counter() - started
+        apply_rates.append(len(batch) / (time.perf_counter() - started))
+        apply_seconds += len(batch) / apply_rates[-1]
     snapshot = collection.snapshot()
     batches = snapshot.batches()
     await collection.close()
+    arrow_bytes, disk_bytes = sum(b.nbytes for b in batches), directory_bytes(storage)
+    duck = duckdb_copy(batches)
     print(f"apply into Arrow + tantivy: {total / apply_seconds:,.0f} documents/s ({apply_seconds:.1f} s)")
 
     index = tantivy.Index.open(str(storage / "text"))
     server = start_server(data_dir, port, log)
-    rows = []
+    rows, samples, duck_rows = [], {}, []
     try:
         async with aiohttp.ClientSession() as session:
             for name, sql in SEARCHES.items():
                 await measure_api(session, base, sql, 3)  # warm caches
-                through_api = summary(await measure_api(session, base, sql, repeat))
-                direct = summary(measure(tantivy_top10(index, sql), repeat))
-                rows.append(("search: " + name, through_api, direct, "tantivy direct"))
+                api_ms = await measure_api(session, base, sql, repeat)
+                direct_ms = measure(tantivy_top10(index, sql), repeat)
+                rows.append(("search: " + name, summary(api_ms), summary(direct_ms), "tantivy direct"))
+                samples["search: " + name] = {"api_ms": api_ms, "tantivy_ms": direct_ms}
             for name, sql in ANALYTICS.items():
                 await measure_api(session, base, sql, 3)
-                through_api = summary(await measure_api(session, base, sql, repeat))
-                direct = summary(measure(datafusion_direct(batches, sql), repeat))
-                rows.append((name, through_api, direct, "DataFusion direct"))
+                api_ms = await measure_api(session, base, sql, repeat)
+                direct_ms = measure(datafusion_direct(batches, sql), repeat)
+                rows.append((name, summary(api_ms), summary(direct_ms), "DataFusion direct"))
+                measure(duckdb_direct(duck, sql), 3)
+                duck_ms = measure(duckdb_direct(duck, sql), repeat)
+                duck_rows.append((name, summary(api_ms), summary(duck_ms), "DuckDB (copy)"))
+                samples[name] = {"api_ms": api_ms, "datafusion_ms": direct_ms, "duckdb_ms": duck_ms}
     finally:
         server.terminate()
         server.wait(30)
     print(f"\n{'query':28} {'API p50':>9} {'API p99':>9} {'base p50':>9} {'base p99':>9} {'ratio':>6}  baseline")
     for name, (p50, p99), (b50, b99), baseline in rows:
         print(f"{name:28} {p50:8.2f}ms {p99:8.2f}ms {b50:8.2f}ms {b99:8.2f}ms {p50 / b50:5.2f}x  {baseline}")
+    for name, (p50, p99), (b50, b99), baseline in duck_rows:
+        print(f"{name:28} {p50:8.2f}ms {p99:8.2f}ms {b50:8.2f}ms {b99:8.2f}ms {p50 / b50:5.2f}x  {baseline}")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"\nArrow {arrow_bytes / 2**20:,.0f} MiB, on disk {disk_bytes / 2**20:,.0f} MiB ({disk_bytes / arrow_bytes:.2f}x); "
+          f"this bench's peak RSS {peak_rss / 2**20:,.0f} MiB (it holds the documents, the Arrow batches and the DuckDB copy)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "documents": total, "repeat": repeat, "apply_docs_per_s": total / apply_seconds,
+            "apply_docs_per_s_by_batch": apply_rates, "arrow_bytes": arrow_bytes, "disk_bytes": disk_bytes,
+            "bench_peak_rss_bytes": peak_rss,
+            "queries": [{"query": name, "baseline": baseline, "api_p50_ms": p50, "api_p99_ms": p99,
+                         "baseline_p50_ms": b50, "baseline_p99_ms": b99, "ratio_p50": p50 / b50}
+                        for name, (p50, p99), (b50, b99), baseline in rows + duck_rows],
+            "samples_ms": samples,
+        }))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
