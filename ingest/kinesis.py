@@ -1,6 +1,6 @@
 """Follows a Kinesis data stream that DynamoDB streams a table's changes into (Kinesis Data
-Streams for DynamoDB), with the same interface as `StreamReader`, so the pipeline follows
-either source with one loop.
+Streams for DynamoDB). `KinesisReader` shares `StreamReader`'s rounds, lineage and position
+(`shoal.ingest.streams.ShardRounds`), so the pipeline follows either source with one loop.
 
 The position is a plain dict, saved by the collection in the same manifest as the data it
 covers (no KCL lease table):
@@ -41,10 +41,7 @@ What Kinesis requires, and how the reader honours it:
 
 from __future__ import annotations
 
-import asyncio
-import copy
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -52,14 +49,10 @@ import orjson
 from shoal.index.collection import Change
 
 from .decode import decode_item, document_id
-from .streams import ReadResult, StreamTrimmed, idle_wait, throttle_wait
+from .streams import GET_RECORDS_LIMIT, RETENTION_MARGIN_S, Page, Shard, ShardRounds, idle_wait, throttle_wait
 
 LIST_INTERVAL_S = 10.0  # new shards appear when the stream is resharded
 LIST_RETRY_S = 1.0  # while no shard is readable (children not listed yet)
-VERIFIED_REFRESH_S = 600.0  # an idle reader re-saves its position this often
-RETENTION_MARGIN_S = 30 * 60.0  # records may be trimmed a little early by our clock
-GET_RECORDS_LIMIT = 1000
-MAX_PARALLEL_READS = 8  # below aiobotocore's 10 pooled connections
 # ApproximateCreationDateTime: epoch ms is ~1.7e12 today, epoch µs ~1.7e15.
 MICROSECONDS_ABOVE = 10**14
 
@@ -92,46 +85,17 @@ def change_from_kinesis(record: dict[str, Any], key_names: tuple[str, ...], tabl
     )
 
 
-@dataclass
-class _Shard:
-    """What the reader knows of a listed shard beyond its saved position."""
+class KinesisReader(ShardRounds):
+    """Reads one Kinesis stream from `position`."""
 
-    parents: tuple[str, ...]
-    ending_seq: str | None  # set once the shard is closed
-    iterator: str | None = None
-    due: float = 0.0  # monotonic time of its next read
-    empty_reads: int = 0
-    throttles: int = 0
-    at_tip: bool = False
-    lag_ms: int | None = None
-
-
-@dataclass
-class _Page:
-    records: list[dict[str, Any]]
-    ended: bool  # the shard is closed and read to its end
-    at_tip: bool
-
-
-class KinesisReader:
-    """Reads one Kinesis stream from `position`. After `read` raises, make a new reader from
-    the saved position: this one may hold iterators past what was applied."""
+    STREAM = "Kinesis"
 
     def __init__(
         self, client: Any, position: dict[str, Any], key_names: tuple[str, ...], table_name: str, poll_interval_s: float
     ) -> None:
-        self.client = client
-        self.position = position
-        self.key_names = key_names
-        self.table_name = table_name
-        self.poll_interval_s = poll_interval_s
-        self.throttled_requests = 0
+        super().__init__(client, position, key_names, table_name, poll_interval_s)
         self.retention_s: float | None = None  # from DescribeStreamSummary, on the first read
-        self._shards: dict[str, _Shard] = {}
-        self._listed_at: float | None = None
-        self._list_due = 0.0
         self._list_throttles = 0
-        self._parallel = asyncio.Semaphore(MAX_PARALLEL_READS)
 
     @property
     def tombstone_keep_s(self) -> float:
@@ -139,103 +103,24 @@ class KinesisReader:
         assert self.retention_s is not None, "known after the first read"
         return self.retention_s + RETENTION_MARGIN_S
 
-    # ------------------------------------------------------------------ one round
-
-    async def read(self) -> ReadResult:
-        """Wait until a shard is due, then read every due shard once."""
+    async def _before_round(self) -> None:
         if self.retention_s is None:
             summary = (await self.client.describe_stream_summary(StreamARN=self.position["stream_arn"]))
             self.retention_s = summary["StreamDescriptionSummary"]["RetentionPeriodHours"] * 3600.0
-            self._check_age()
-        await self._wait_for_due()
-        changed = False
-        if time.monotonic() >= self._list_due:
-            changed = await self._list_shards()
-        now = time.monotonic()
-        due = [shard_id for shard_id in self._readable() if self._shards[shard_id].due <= now]
-        pages = await asyncio.gather(*(self._read_shard(shard_id) for shard_id in due), return_exceptions=True)
-        for page in pages:
-            if isinstance(page, BaseException):
-                raise page
-        changes: list[Change] = []
-        for shard_id, page in zip(due, pages):
-            if page is not None:
-                changes.extend(self._take(shard_id, page))
-                changed = changed or bool(page.records) or page.ended
-        self._refresh_verified(changed)
-        return ReadResult(changes, copy.deepcopy(self.position), self._caught_up(), self._lag_ms())
+            self._check_age(self.retention_s, f"{self.retention_s / 3600:g} hours")
 
-    def shard_status(self) -> list[dict[str, Any]]:
-        """Per listed shard: where the reader is, for the collection's status."""
-        states = self.position["shards"]
-        return [
-            {
-                "shard_id": shard_id,
-                "parent_shard_id": shard.parents[0] if shard.parents else None,
-                "adjacent_parent_shard_id": shard.parents[1] if len(shard.parents) > 1 else None,
-                "last_sequence_number": states[shard_id]["seq"],
-                "done": states[shard_id]["done"],
-                "lag_ms": shard.lag_ms,
-            }
-            for shard_id, shard in self._shards.items()
-        ]
-
-    def _check_age(self) -> None:
-        verified_at = self.position.get("verified_at")
-        assert self.retention_s is not None
-        if verified_at is None:
-            return
-        age = time.time() - verified_at
-        if age > self.retention_s - RETENTION_MARGIN_S:
-            raise StreamTrimmed(
-                f"the saved Kinesis position was last confirmed {age / 3600:.1f} hours ago and the stream keeps "
-                f"records for {self.retention_s / 3600:g} hours, so some were trimmed unread"
-            )
-
-    async def _wait_for_due(self) -> None:
-        due = [self._shards[shard_id].due for shard_id in self._readable()]
-        delay = min([*due, self._list_due]) - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-    def _readable(self) -> list[str]:
-        """Listed shards not done whose listed parents are all done."""
-        states = self.position["shards"]
-        return [
-            shard_id
-            for shard_id, shard in self._shards.items()
-            if not states[shard_id]["done"]
-            and all(parent not in self._shards or states[parent]["done"] for parent in shard.parents)
-        ]
-
-    def _caught_up(self) -> bool:
-        readable = self._readable()
-        return bool(readable) and all(self._shards[shard_id].at_tip for shard_id in readable)
-
-    def _lag_ms(self) -> int | None:
-        lags = [self._shards[s].lag_ms for s in self._readable() if self._shards[s].lag_ms is not None]
-        return max(lags) if lags else None
-
-    def _refresh_verified(self, changed: bool) -> None:
-        if self._listed_at is None:
-            return
-        stale = time.time() - self.position.get("verified_at", 0.0) > VERIFIED_REFRESH_S
-        if changed or stale:
-            self.position["verified_at"] = self._listed_at
-
-    # ------------------------------------------------------------------ shards
-
-    async def _list_shards(self) -> bool:
-        """Learn the shards and their parents; forget finished shards that expired. Returns
-        whether the position changed."""
-        listed: dict[str, dict[str, Any]] = {}
+    async def _list(self) -> bool:
+        """ListShards (paginated): the shards, their parents, and where closed ones end."""
+        listed: dict[str, Shard] = {}
         request: dict[str, Any] = {"StreamARN": self.position["stream_arn"]}
         listed_at = time.time()
         try:
             while True:
                 answer = await self.client.list_shards(**request)
                 for shard in answer.get("Shards", []):
-                    listed[shard["ShardId"]] = shard
+                    parents = tuple(p for p in (shard.get("ParentShardId"), shard.get("AdjacentParentShardId")) if p)
+                    ending = shard.get("SequenceNumberRange", {}).get("EndingSequenceNumber")
+                    listed[shard["ShardId"]] = Shard(parents, ending)
                 if not answer.get("NextToken"):
                     break
                 request = {"NextToken": answer["NextToken"]}  # (a NextToken excludes the stream's name)
@@ -245,34 +130,9 @@ class KinesisReader:
             self._list_due = time.monotonic() + throttle_wait(self.poll_interval_s, self._list_throttles)
             return False
         self._list_throttles = 0
-        states = self.position["shards"]
-        changed = False
-        for shard_id, state in list(states.items()):
-            if shard_id in listed:
-                continue
-            if not state["done"]:
-                raise StreamTrimmed(
-                    f"Kinesis shard {shard_id} expired before it was read to its end "
-                    f"(last sequence number read: {state['seq'] or 'none'})"
-                )
-            del states[shard_id]  # finished, and now past retention
-            changed = True
-        for shard_id in listed:
-            if shard_id not in states:
-                states[shard_id] = {"seq": None, "done": False}
-                changed = True
-        shards: dict[str, _Shard] = {}
-        for shard_id, shard in listed.items():
-            parents = tuple(p for p in (shard.get("ParentShardId"), shard.get("AdjacentParentShardId")) if p)
-            known = self._shards.get(shard_id) or _Shard(parents, None)
-            known.ending_seq = shard.get("SequenceNumberRange", {}).get("EndingSequenceNumber")
-            shards[shard_id] = known
-        self._shards = shards
-        self._listed_at = listed_at
-        self._list_due = time.monotonic() + (LIST_INTERVAL_S if self._readable() else LIST_RETRY_S)
-        return changed
+        return self._adopt_listing(listed, listed_at, LIST_INTERVAL_S, LIST_RETRY_S)
 
-    async def _read_shard(self, shard_id: str) -> _Page | None:
+    async def _read_shard(self, shard_id: str) -> Page | None:
         """One GetRecords (re-acquiring an expired iterator once); None when the shard could
         not be read this round (it is rescheduled)."""
         shard = self._shards[shard_id]
@@ -301,7 +161,7 @@ class KinesisReader:
                 shard.iterator = response.get("NextShardIterator")
                 at_tip = not records and response.get("MillisBehindLatest", 0) == 0
                 ended = shard.iterator is None or (shard.ending_seq is not None and at_tip)
-                return _Page(records, ended, at_tip)
+                return Page(records, ended, at_tip)
         raise AssertionError("unreachable")
 
     async def _iterator(self, shard_id: str) -> str:
@@ -315,7 +175,7 @@ class KinesisReader:
             request["ShardIteratorType"] = "TRIM_HORIZON"
         return (await self.client.get_shard_iterator(**request))["ShardIterator"]
 
-    def _take(self, shard_id: str, page: _Page) -> list[Change]:
+    def _take(self, shard_id: str, page: Page) -> list[Change]:
         """The page's records as changes (other tables' skipped); advances the shard's position
         and schedule."""
         shard, state = self._shards[shard_id], self.position["shards"][shard_id]

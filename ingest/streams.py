@@ -113,10 +113,11 @@ class ReadResult:
 
 
 @dataclass
-class _Shard:
-    """What the reader knows of a listed shard beyond its saved position."""
+class Shard:
+    """What a reader knows of a listed shard beyond its saved position."""
 
-    parent: str | None
+    parents: tuple[str, ...]  # Kinesis names two after a merge
+    ending_seq: str | None = None  # Kinesis: set once the shard is closed
     iterator: str | None = None
     due: float = 0.0  # monotonic time of its next read
     empty_reads: int = 0
@@ -126,14 +127,21 @@ class _Shard:
 
 
 @dataclass
-class _Page:
+class Page:
     records: list[dict[str, Any]]
-    ended: bool  # no NextShardIterator: the shard is closed and read to its end
+    ended: bool  # the shard is closed and read to its end
+    at_tip: bool = True  # nothing further to read now
 
 
-class StreamReader:
-    """Reads one stream from `position`. After `read` raises, make a new reader from the saved
-    position: this one may hold iterators past what was applied."""
+class ShardRounds:
+    """Reading a sharded change stream in rounds, whichever service serves it (DynamoDB
+    Streams here, Kinesis in `shoal.ingest.kinesis`): parents before children, every due shard
+    read once per round, the position a plain dict the collection saves with the data.
+    Subclasses list the shards (`_list`), read one (`_read_shard`) and turn a page into
+    changes (`_take`). After `read` raises, make a new reader from the saved position: this
+    one may hold iterators past what was applied."""
+
+    STREAM = "stream"  # how messages name it
 
     def __init__(
         self, client: Any, position: dict[str, Any], key_names: tuple[str, ...], table_name: str, poll_interval_s: float
@@ -144,26 +152,21 @@ class StreamReader:
         self.table_name = table_name
         self.poll_interval_s = poll_interval_s
         self.throttled_requests = 0
-        self._shards: dict[str, _Shard] = {}  # listed by the last DescribeStream, in its order
-        self._listed_at: float | None = None  # wall-clock time of that DescribeStream
-        self._stream_enabled = True
-        self._describe_due = 0.0
-        self._age_checked = False
+        self._shards: dict[str, Shard] = {}  # as last listed, in listing order
+        self._listed_at: float | None = None  # wall-clock time of that listing
+        self._list_due = 0.0
         self._parallel = asyncio.Semaphore(MAX_PARALLEL_READS)
 
     # ------------------------------------------------------------------ one round
 
     async def read(self) -> ReadResult:
         """Wait until a shard is due, then read every due shard once."""
-        if not self._age_checked:
-            self._check_age()
-            self._age_checked = True
+        await self._before_round()
         await self._wait_for_due()
         changed = False
-        if time.monotonic() >= self._describe_due:
-            changed = await self._describe()
-        if not self._stream_enabled and all(state["done"] for state in self.position["shards"].values()):
-            raise StreamEnded(f"the stream {self.position['stream_arn']} was disabled and has been read to its end")
+        if time.monotonic() >= self._list_due:
+            changed = await self._list()
+        self._after_listing()
         now = time.monotonic()
         due = [shard_id for shard_id in self._readable() if self._shards[shard_id].due <= now]
         pages = await asyncio.gather(*(self._read_shard(shard_id) for shard_id in due), return_exceptions=True)
@@ -184,7 +187,8 @@ class StreamReader:
         return [
             {
                 "shard_id": shard_id,
-                "parent_shard_id": shard.parent,
+                "parent_shard_id": shard.parents[0] if shard.parents else None,
+                **({"adjacent_parent_shard_id": shard.parents[1]} if len(shard.parents) > 1 else {}),
                 "last_sequence_number": states[shard_id]["seq"],
                 "done": states[shard_id]["done"],
                 "lag_ms": shard.lag_ms,
@@ -192,31 +196,39 @@ class StreamReader:
             for shard_id, shard in self._shards.items()
         ]
 
-    def _check_age(self) -> None:
+    async def _before_round(self) -> None:
+        """Checks before reading (the saved position's age)."""
+
+    def _after_listing(self) -> None:
+        """Checks once the shards are known (whether the stream ended)."""
+
+    def _check_age(self, retention_s: float, retention_text: str) -> None:
+        """A position last confirmed longer ago than the stream keeps records may have missed some."""
         verified_at = self.position.get("verified_at")  # absent only in positions saved before it existed
         if verified_at is None:
             return
         age = time.time() - verified_at
-        if age > RETENTION_S - RETENTION_MARGIN_S:
+        if age > retention_s - RETENTION_MARGIN_S:
             raise StreamTrimmed(
-                f"the saved stream position was last confirmed {age / 3600:.1f} hours ago and the stream keeps "
-                "changes for 24 hours, so some were trimmed unread"
+                f"the saved {self.STREAM} position was last confirmed {age / 3600:.1f} hours ago and the stream "
+                f"keeps records for {retention_text}, so some were trimmed unread"
             )
 
     async def _wait_for_due(self) -> None:
         due = [self._shards[shard_id].due for shard_id in self._readable()]
-        delay = min([*due, self._describe_due]) - time.monotonic()
+        delay = min([*due, self._list_due]) - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
 
     def _readable(self) -> list[str]:
-        """Listed shards not done whose parent is done or no longer listed (expired: never wait on it)."""
+        """Listed shards not done whose listed parents are all done (a parent no longer listed
+        has expired: never wait on it)."""
         states = self.position["shards"]
         return [
             shard_id
             for shard_id, shard in self._shards.items()
             if not states[shard_id]["done"]
-            and (shard.parent is None or shard.parent not in self._shards or states[shard.parent]["done"])
+            and all(parent not in self._shards or states[parent]["done"] for parent in shard.parents)
         ]
 
     def _caught_up(self) -> bool:
@@ -228,8 +240,8 @@ class StreamReader:
         return max(lags) if lags else None
 
     def _refresh_verified(self, changed: bool) -> None:
-        """Stamp the position with its DescribeStream's time when it is saved anyway, and at
-        least every VERIFIED_REFRESH_S (which makes the pipeline save it)."""
+        """Stamp the position with its listing's time when it is saved anyway, and at least
+        every VERIFIED_REFRESH_S (which makes the pipeline save it)."""
         if self._listed_at is None:
             return
         stale = time.time() - self.position.get("verified_at", 0.0) > VERIFIED_REFRESH_S
@@ -238,24 +250,10 @@ class StreamReader:
 
     # ------------------------------------------------------------------ shards
 
-    async def _describe(self) -> bool:
-        """Learn the stream's shards and their parents (paginated); forget finished shards that
-        expired. Returns whether the position changed."""
-        listed: dict[str, str | None] = {}
-        request: dict[str, Any] = {"StreamArn": self.position["stream_arn"]}
-        listed_at = time.time()
-        try:
-            while True:
-                description = (await self.client.describe_stream(**request))["StreamDescription"]
-                for shard in description.get("Shards", []):
-                    listed[shard["ShardId"]] = shard.get("ParentShardId")
-                if not description.get("LastEvaluatedShardId"):
-                    break
-                request["ExclusiveStartShardId"] = description["LastEvaluatedShardId"]
-        except self.client.exceptions.LimitExceededException:
-            self.throttled_requests += 1
-            self._describe_due = time.monotonic() + throttle_wait(self.poll_interval_s, 1)
-            return False
+    def _adopt_listing(self, listed: dict[str, Shard], listed_at: float, interval_s: float, retry_s: float) -> bool:
+        """Take `listed` as the shards (keeping what is known of each), forget finished shards
+        that expired, and schedule the next listing. Returns whether the position changed.
+        An unfinished shard that is no longer listed lost its unread records: StreamTrimmed."""
         states = self.position["shards"]
         changed = False
         for shard_id, state in list(states.items()):
@@ -263,23 +261,76 @@ class StreamReader:
                 continue
             if not state["done"]:
                 raise StreamTrimmed(
-                    f"shard {shard_id} expired before it was read to its end "
+                    f"{self.STREAM} shard {shard_id} expired before it was read to its end "
                     f"(last sequence number read: {state['seq'] or 'none'})"
                 )
             del states[shard_id]  # finished, and now past retention
             changed = True
-        for shard_id, parent in listed.items():
+        for shard_id in listed:
             if shard_id not in states:
                 states[shard_id] = {"seq": None, "done": False}
                 changed = True
-        self._shards = {shard_id: self._shards.get(shard_id) or _Shard(parent) for shard_id, parent in listed.items()}
-        self._stream_enabled = description.get("StreamStatus", "ENABLED") in ("ENABLED", "ENABLING")
+        shards = {}
+        for shard_id, fresh in listed.items():
+            shards[shard_id] = self._shards.get(shard_id) or fresh
+            shards[shard_id].ending_seq = fresh.ending_seq
+        self._shards = shards
         self._listed_at = listed_at
-        retry = DESCRIBE_INTERVAL_S if self._readable() else DESCRIBE_RETRY_S
-        self._describe_due = time.monotonic() + retry
+        self._list_due = time.monotonic() + (interval_s if self._readable() else retry_s)
         return changed
 
-    async def _read_shard(self, shard_id: str) -> _Page | None:
+    async def _list(self) -> bool:
+        raise NotImplementedError
+
+    async def _read_shard(self, shard_id: str) -> Page | None:
+        raise NotImplementedError
+
+    def _take(self, shard_id: str, page: Page) -> list[Change]:
+        raise NotImplementedError
+
+
+class StreamReader(ShardRounds):
+    """Reads one DynamoDB stream from `position`."""
+
+    def __init__(
+        self, client: Any, position: dict[str, Any], key_names: tuple[str, ...], table_name: str, poll_interval_s: float
+    ) -> None:
+        super().__init__(client, position, key_names, table_name, poll_interval_s)
+        self._stream_enabled = True
+        self._age_checked = False
+
+    async def _before_round(self) -> None:
+        if not self._age_checked:
+            self._check_age(RETENTION_S, "24 hours")
+            self._age_checked = True
+
+    def _after_listing(self) -> None:
+        if not self._stream_enabled and all(state["done"] for state in self.position["shards"].values()):
+            raise StreamEnded(f"the stream {self.position['stream_arn']} was disabled and has been read to its end")
+
+    async def _list(self) -> bool:
+        """DescribeStream (paginated): the shards and their parents, and whether the stream is
+        still enabled."""
+        listed: dict[str, Shard] = {}
+        request: dict[str, Any] = {"StreamArn": self.position["stream_arn"]}
+        listed_at = time.time()
+        try:
+            while True:
+                description = (await self.client.describe_stream(**request))["StreamDescription"]
+                for shard in description.get("Shards", []):
+                    parent = shard.get("ParentShardId")
+                    listed[shard["ShardId"]] = Shard((parent,) if parent else ())
+                if not description.get("LastEvaluatedShardId"):
+                    break
+                request["ExclusiveStartShardId"] = description["LastEvaluatedShardId"]
+        except self.client.exceptions.LimitExceededException:
+            self.throttled_requests += 1
+            self._list_due = time.monotonic() + throttle_wait(self.poll_interval_s, 1)
+            return False
+        self._stream_enabled = description.get("StreamStatus", "ENABLED") in ("ENABLED", "ENABLING")
+        return self._adopt_listing(listed, listed_at, DESCRIBE_INTERVAL_S, DESCRIBE_RETRY_S)
+
+    async def _read_shard(self, shard_id: str) -> Page | None:
         """One GetRecords (re-acquiring an expired iterator once); None when the shard could
         not be read this round (it is rescheduled)."""
         shard = self._shards[shard_id]
@@ -309,7 +360,7 @@ class StreamReader:
                     ) from error
                 shard.throttles = 0
                 shard.iterator = response.get("NextShardIterator")
-                return _Page(response.get("Records", []), ended=shard.iterator is None)
+                return Page(response.get("Records", []), ended=shard.iterator is None)
         raise AssertionError("unreachable")
 
     async def _iterator(self, shard_id: str, seq: str | None) -> str:
@@ -321,7 +372,7 @@ class StreamReader:
             request["SequenceNumber"] = seq
         return (await self.client.get_shard_iterator(**request))["ShardIterator"]
 
-    def _take(self, shard_id: str, page: _Page) -> list[Change]:
+    def _take(self, shard_id: str, page: Page) -> list[Change]:
         """The page's new records as changes; advances the shard's position and schedule."""
         shard, state = self._shards[shard_id], self.position["shards"][shard_id]
         last = int(state["seq"]) if state["seq"] is not None else -1
@@ -342,5 +393,5 @@ class StreamReader:
             shard.at_tip, shard.lag_ms = True, 0
         if page.ended:
             state["done"] = True
-            self._describe_due = now  # its children are listed by now
+            self._list_due = now  # its children are listed by now
         return changes
