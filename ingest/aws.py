@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from aiobotocore.credentials import AioCredentialResolver, AioRefreshableCredentials
+from aiobotocore.session import AioSession, get_session
+from botocore.credentials import CredentialProvider
 
 # Ingest loops retry with their own backoff and report failures in the collection status,
 # so botocore gives up quickly instead of hiding a fault behind long retries.
@@ -40,23 +42,48 @@ class AwsAccess:
         if self.access_key_id and self.secret_access_key:
             keys = {"aws_access_key_id": self.access_key_id, "aws_secret_access_key": self.secret_access_key}
         if self.role_arn:
-            keys = await self._assume_role(session, region, keys)
+            await self._use_assumed_role(session, region, keys)
+            keys = {}  # the session's refreshing credentials sign every request
         async with session.create_client(
             service, region_name=region, endpoint_url=self.endpoint_url,
             config=_CONFIG.merge(config) if config else _CONFIG, **keys
         ) as client:
             yield client
 
-    async def _assume_role(self, session, region: str, keys: dict) -> dict:
+    async def _use_assumed_role(self, session: AioSession, region: str, keys: dict) -> None:
+        """Give `session` the role's credentials, renewed by AssumeRole before they expire (the
+        stream is followed by one client for hours; a role's credentials last one by default).
+        botocore renews them 15 minutes before their expiry, or at once after it."""
         arguments = {"RoleArn": self.role_arn, "RoleSessionName": "shoal"}
         if self.external_id:
             arguments["ExternalId"] = self.external_id
-        async with session.create_client(
-            "sts", region_name=region, endpoint_url=self.endpoint_url, config=_CONFIG, **keys
-        ) as sts:
-            credentials = (await sts.assume_role(**arguments))["Credentials"]
-        return {
-            "aws_access_key_id": credentials["AccessKeyId"],
-            "aws_secret_access_key": credentials["SecretAccessKey"],
-            "aws_session_token": credentials["SessionToken"],
-        }
+
+        async def assume_role() -> dict:
+            async with get_session().create_client(
+                "sts", region_name=region, endpoint_url=self.endpoint_url, config=_CONFIG, **keys
+            ) as sts:
+                credentials = (await sts.assume_role(**arguments))["Credentials"]
+            return {
+                "access_key": credentials["AccessKeyId"],
+                "secret_key": credentials["SecretAccessKey"],
+                "token": credentials["SessionToken"],
+                "expiry_time": credentials["Expiration"].isoformat(),
+            }
+
+        credentials = AioRefreshableCredentials.create_from_metadata(
+            await assume_role(), refresh_using=assume_role, method="assume-role"
+        )
+        session.register_component("credential_provider", AioCredentialResolver([_Given(credentials)]))
+
+
+class _Given(CredentialProvider):
+    """A credential provider that hands out credentials made elsewhere (the assumed role's)."""
+
+    METHOD = "shoal-assumed-role"
+
+    def __init__(self, credentials: AioRefreshableCredentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    async def load(self) -> AioRefreshableCredentials:
+        return self._credentials
