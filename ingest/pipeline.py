@@ -368,7 +368,7 @@ class SourcePipeline:
             if isinstance(reader, KinesisReader):
                 await self.collection.apply_newer(result.changes, checkpoint, reader.tombstone_keep_s)
             else:
-                await self.collection.apply(result.changes, checkpoint)
+                await self.collection.apply(_after_bulk_load_began(result.changes, checkpoint), checkpoint)
         if result.changes:
             self.status.stream_last_processed_at = _now_iso()
         self.status.stream_shards = reader.shard_status()
@@ -415,6 +415,22 @@ def _written_before_scan(snapshot: Snapshot, scan_start: datetime) -> list[str]:
         scanned = pc.and_(pc.equal(pc.struct_field(batch["_meta"], "event"), "SCAN"), pc.greater_equal(batch["_event_time"], since))
         unscanned.extend(batch["_id"].filter(pc.invert(pc.fill_null(scanned, False))).to_pylist())
     return unscanned
+
+
+# DynamoDB Streams rounds ApproximateCreationDateTime down to the second; clocks differ a little.
+REPLAY_SKIP_MARGIN_S = 60.0
+
+
+def _after_bulk_load_began(changes: list[Change], checkpoint: dict) -> list[Change]:
+    """The changes the bulk load may not hold. The stream is replayed from before the bulk load
+    (TRIM_HORIZON: up to 24 h of changes); a change made well before it began is already in
+    what it read (the scan reads strongly consistent, the export is taken later), so applying
+    it again would only rewrite the same documents, the longest part of getting READY."""
+    started = checkpoint.get("scan", {}).get("start_time")
+    if not started or not changes:
+        return changes
+    covered_before_us = (datetime.fromisoformat(started).timestamp() - REPLAY_SKIP_MARGIN_S) * 1_000_000
+    return [change for change in changes if change.event_time_us >= covered_before_us]
 
 
 def _arn_region(arn: str) -> str:

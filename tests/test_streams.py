@@ -529,3 +529,21 @@ async def test_a_new_stream_arn_rebuilds_the_collection(mirrored: StreamsDouble,
     coll = await shoal.wait_ready(COLL, timeout=20)
     assert [s["shard_id"] for s in coll["sources"][0]["dynamodb"]["status"]["stream_shards"]] == \
         mirrored.open_shards(new_arn)
+
+
+def test_the_replay_skips_changes_the_bulk_load_already_holds():
+    """After a bulk load the stream is replayed from TRIM_HORIZON; changes made more than a
+    margin before the load began are in what it read, and are not applied again."""
+    from datetime import datetime
+
+    from shoal.index.collection import Change
+    from shoal.ingest.pipeline import REPLAY_SKIP_MARGIN_S, _after_bulk_load_began
+
+    started = "2026-11-23T10:00:00.000Z"
+    start_us = int(datetime.fromisoformat(started).timestamp() * 1_000_000)
+    meta = {"table": "t", "event": "MODIFY", "sequence_number": "1"}
+    at = [start_us - int((REPLAY_SKIP_MARGIN_S + 5) * 1e6), start_us - int((REPLAY_SKIP_MARGIN_S - 5) * 1e6), start_us + 1]
+    changes = [Change(f"d{i}", {"n": i}, t, meta) for i, t in enumerate(at)]
+    kept = _after_bulk_load_began(changes, {"phase": "stream", "scan": {"start_time": started}})
+    assert [c.id for c in kept] == ["d1", "d2"]
+    assert _after_bulk_load_began(changes, {"phase": "stream", "stream": {}}) == changes  # no bulk load known
