@@ -120,6 +120,7 @@ class ThrottlingProxy(LoopbackServer):
     def reset_counts(self) -> None:
         self.scan_requests = 0
         self.throttled = 0
+        self.forced_throttles = 0  # the next Scan requests to throttle whatever the bucket holds
         self.items_read = 0
         self.samples: list[tuple[float, float]] = []  # (monotonic time of the answer, units)
         self.first_scan_at: float | None = None
@@ -161,7 +162,8 @@ class ThrottlingProxy(LoopbackServer):
         if self.first_scan_at is None:
             self.first_scan_at = time.monotonic()
         table = scan["TableName"]
-        if self._tokens(table) <= 0:
+        if self._tokens(table) <= 0 or self.forced_throttles > 0:
+            self.forced_throttles = max(0, self.forced_throttles - 1)
             self.throttled += 1
             return _error(THROTTLE_TYPE, "The level of configured provisioned throughput for the table was exceeded. "
                                          "Consider increasing your provisioning level with the UpdateTable API.")
