@@ -300,8 +300,8 @@ async def test_equality_filters_from_the_index_equal_a_scan(corpus, monkeypatch)
         for field in ("v", "meta.tag", "n"):
             sql = f"SELECT _id FROM docs WHERE {field} = {literal} AND _id <> 'none'"
             answers = []
-            for fraction in (1.0, -1.0):  # always the candidates; never
-                monkeypatch.setattr(engine, "INDEX_FILTER_MAX_FRACTION", fraction)
+            for use_index in (True, False):  # always the candidates; never
+                monkeypatch.setattr(engine, "_index_is_cheaper", lambda *_, use_index=use_index: use_index)
                 answers.append(sorted(row["_id"] for row in query(sql)))
             assert answers[0] == answers[1], sql
     plan = prepare("SELECT _id FROM docs WHERE meta.tag = 'alpha beta'", [], lambda *_: collection.snapshot().query_schema)
