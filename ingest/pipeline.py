@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
 import logging
 import random
 import re
@@ -469,6 +470,9 @@ def _describe_error(error: Exception, config: SourceConfig) -> str:
     faults only the user can fix (missing table or wrong region, missing permission, invalid
     keys), what to do. Everything is retried anyway, so ingest resumes once it is fixed."""
     response = getattr(error, "response", None)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):  # tantivy's, too
+        return (f"{error}. The disk of Shoal's data directory is full: free space or grow it; ingest "
+                "resumes by itself (nothing was half-written: the collection is as of its last refresh)")
     if not (isinstance(response, dict) and "Error" in response):
         return str(error) or type(error).__name__
     code = response["Error"].get("Code", "Error")
