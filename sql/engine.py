@@ -202,11 +202,12 @@ def execute(
     return QueryResult(table, (time.perf_counter() - started) * 1000)
 
 
-# What an index filter costs against the scan it saves, measured on 2M documents (one
-# shared 2-core machine): collecting candidates pays a fixed part (a search, a take per
-# segment) and ~8 µs per candidate (scored, found, taken); DataFusion compares ~7 ns per
-# document. So at 1M documents the index pays below a few hundred candidates, at 300k never.
-INDEX_FIXED_COST_S = 3e-3
+# What an index filter costs against the scan it saves, measured on one shared 2-core
+# machine: collecting candidates pays a fixed part (a search, a take and conform per segment,
+# a second table for DataFusion) and ~8 µs per candidate (scored, found, taken); DataFusion
+# compares ~7 ns per document. At 1M documents 100 candidates still lost to a scan through
+# the API (11.6 vs ~5 ms); at 2M, 200 candidates won (15.7 vs 27.8 ms in process).
+INDEX_FIXED_COST_S = 6e-3
 INDEX_COST_PER_CANDIDATE_S = 8e-6
 SCAN_COST_PER_DOCUMENT_S = 7e-9
 
