@@ -346,15 +346,19 @@ class ShoalProcess:
         return r.body["data"]
 
     async def create_collection(
-        self, name: str, integration: str, table: str, ws: str = "commons", rcu: int = 1000
+        self, name: str, integration: str, table: str, ws: str = "commons", rcu: int = 1000,
+        region: str = "us-east-1", poll: str | None = None, **dynamodb: Any,
     ) -> dict:
+        """Create a collection (scan bulk load); `poll` sets dynamodb_stream_poll_frequency
+        (e.g. "PT0.05S"), `dynamodb` adds source fields (kinesis_stream_arn)."""
+        settings = {"settings": {"dynamodb_stream_poll_frequency": poll}} if poll else {}
         body = {
             "name": name,
             "sources": [{
                 "integration_name": integration,
                 "dynamodb": {
-                    "table_name": table, "aws_region": "us-east-1",
-                    "use_scan_api": True, "rcu": rcu,
+                    "table_name": table, "aws_region": region,
+                    "use_scan_api": True, "rcu": rcu, **settings, **dynamodb,
                 },
             }],
         }
@@ -638,6 +642,15 @@ def compare_collection(rows: list[dict], model: dict[str, dict], max_report: int
         if len(problems) >= max_report:
             break
     return problems[:max_report]
+
+
+def assert_error(r: Response, *statuses: int) -> dict:
+    """A JSON error with the expected status and non-empty string message and type."""
+    assert r.status in statuses, f"expected HTTP {statuses}, got {r}"
+    assert r.is_json and isinstance(r.body, dict), f"error body is not a JSON object: {r}"
+    for field in ("message", "type"):
+        assert isinstance(r.body.get(field), str) and r.body[field], f"no {field!r} in {r}"
+    return r.body
 
 
 class LoopbackServer:

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from support import Dynamo, Response, ShoalProcess, run_in_thread, wait_until
+from support import Dynamo, ShoalProcess, assert_error, run_in_thread, wait_until
 
 WS = "/v1/orgs/self/ws/commons"
 INTEGRATIONS = "/v1/orgs/self/integrations"
@@ -21,14 +21,6 @@ QUERIES = "/v1/orgs/self/queries"
 def uniq(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
-
-def assert_error(r: Response, *statuses: int) -> dict:
-    """A JSON error with the expected status and non-empty string message and type."""
-    assert r.status in statuses, f"expected HTTP {statuses}, got {r}"
-    assert r.is_json and isinstance(r.body, dict), f"error body is not a JSON object: {r}"
-    for field in ("message", "type"):
-        assert isinstance(r.body.get(field), str) and r.body[field], f"no {field!r} in {r}"
-    return r.body
 
 
 def integration_body(name: str, endpoint: str, key_id: str = "testing", secret: str = "testing") -> dict:

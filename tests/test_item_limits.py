@@ -439,11 +439,7 @@ def generated_table(shoal_module: ShoalProcess, moto_server: str) -> tuple[Dynam
 
     async def make():
         await shoal_module.create_integration("moto_gen", moto_server)
-        body = {"name": E2E_COLL, "sources": [{"integration_name": "moto_gen", "dynamodb": {
-            "table_name": table, "aws_region": "us-east-1", "rcu": 1000,
-            "settings": {"dynamodb_stream_poll_frequency": "PT0.05S"}}}]}
-        status, answer = await shoal_module.api("POST", "/v1/orgs/self/ws/commons/collections", body)
-        assert status == 200, answer
+        await shoal_module.create_collection(E2E_COLL, "moto_gen", table, poll="PT0.05S")
         await shoal_module.wait_ready(E2E_COLL, timeout=60)
     run_in_thread(make)
     return ddb, table

@@ -266,12 +266,8 @@ async def test_a_collection_follows_kinesis_through_disorder_reshards_restarts_a
         "table_name": table, "aws_region": "us-east-1", "kinesis_stream_arn": "arn:aws:sqs:us-east-1:1:q"}}]}
     status, answer = await shoal.api("POST", "/v1/orgs/self/ws/commons/collections", bad)
     assert status == 400 and "kinesis_stream_arn" in answer["message"], answer
-    body = {"name": COLL, "sources": [{"integration_name": "moto", "dynamodb": {
-        "table_name": table, "aws_region": "us-east-1", "rcu": 1000, "kinesis_stream_arn": arn,
-        "settings": {"dynamodb_stream_poll_frequency": "PT0.05S"}}}]}
-    status, answer = await shoal.api("POST", "/v1/orgs/self/ws/commons/collections", body)
-    assert status == 200, answer
-    assert answer["data"]["sources"][0]["dynamodb"]["kinesis_stream_arn"] == arn
+    created = await shoal.create_collection(COLL, "moto", table, poll="PT0.05S", kinesis_stream_arn=arn)
+    assert created["sources"][0]["dynamodb"]["kinesis_stream_arn"] == arn
     await shoal.wait_ready(COLL, timeout=40)
     await converged(shoal, moto, table, "the bulk load")
 

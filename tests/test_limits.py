@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from support import Dynamo, Response, ShoalProcess, run_in_thread, wait_until
+from support import Dynamo, Response, ShoalProcess, assert_error, run_in_thread, wait_until
 
 QUERIES = "/v1/orgs/self/queries"
 DOCS = 1500
@@ -64,9 +64,8 @@ def server(tmp_path_factory, moto_server: str):
         proc.stop()
 
 
-def assert_error(r: Response, status: int, type_: str) -> None:
-    assert r.status == status and r.is_json, f"expected HTTP {status}, got {r}"
-    assert r.body.get("type") == type_ and r.body.get("message"), r
+def assert_error_type(r: Response, status: int, type_: str) -> None:
+    assert assert_error(r, status)["type"] == type_, r
 
 
 async def runaway(server: ShoalProcess, timeout_ms: int) -> tuple[Response, float]:
@@ -84,7 +83,7 @@ async def test_a_runaway_query_stops_at_its_deadline(server: LimitedShoal):
     await asyncio.sleep(1.0)
     running = server.cpu_seconds() - cpu
     r, took = await query
-    assert_error(r, 408, "QUERY_TIMEOUT")
+    assert_error_type(r, 408, "QUERY_TIMEOUT")
     assert 1.9 < took < 3.0, f"the 408 came after {took:.2f} s for a 2 s limit"
     cpu = server.cpu_seconds()
     await asyncio.sleep(1.0)
@@ -130,11 +129,11 @@ async def test_too_many_queries_get_a_429(server: LimitedShoal):
     await asyncio.sleep(0.5)
     started = time.monotonic()
     r = await server.request("POST", QUERIES, {"sql": {"query": "SELECT 1 AS one"}})
-    assert_error(r, 429, "TOO_MANY_QUERIES")
+    assert_error_type(r, 429, "TOO_MANY_QUERIES")
     assert time.monotonic() - started < 1, "the 429 was not immediate"
     answers = await asyncio.gather(*running)
     for answer, took in answers:
-        assert_error(answer, 408, "QUERY_TIMEOUT")  # the queued one counted its wait too
+        assert_error_type(answer, 408, "QUERY_TIMEOUT")  # the queued one counted its wait too
         assert took < 4.5, took
     await wait_until(lambda: server_is_idle(server), 30, 0.5, "the runaways to end")
     assert await server.query("SELECT 1 AS one") == [{"one": 1}]
@@ -144,7 +143,7 @@ async def test_a_query_over_its_memory_gets_400_and_the_server_lives(server: Lim
     r = await server.request("POST", QUERIES, {"sql": {"query": (
         "SELECT a.pk || b.pk AS k, COUNT(*) AS n FROM commons.big a, commons.big b GROUP BY a.pk || b.pk ORDER BY n DESC LIMIT 1"
     )}})
-    assert_error(r, 400, "RESOURCES_EXCEEDED")
+    assert_error_type(r, 400, "RESOURCES_EXCEEDED")
     assert "32 MiB" in r.body["message"], r
     assert await server.query("SELECT COUNT(*) AS n FROM commons.big WHERE n >= 0") == [{"n": DOCS}]
 

@@ -24,18 +24,11 @@ import aiohttp
 import orjson
 import pytest
 
-from support import Dynamo, Response, ShoalProcess, free_port, run_in_thread, subprocess_env, wait_until
+from support import Dynamo, ShoalProcess, assert_error, free_port, run_in_thread, subprocess_env, wait_until
 
 KEYS = "/v1/orgs/self/users/self/apikeys"
 QUERIES = "/v1/orgs/self/queries"
 
-
-def assert_error(r: Response, *statuses: int) -> dict:
-    assert r.status in statuses, f"expected HTTP {statuses}, got {r}"
-    assert r.is_json and isinstance(r.body, dict), f"error body is not a JSON object: {r}"
-    for field in ("message", "type"):
-        assert isinstance(r.body.get(field), str) and r.body[field], f"no {field!r} in {r}"
-    return r.body
 
 
 def uniq(prefix: str) -> str:

@@ -125,11 +125,7 @@ def model_of(written: list[dict]) -> dict[str, dict]:
 
 async def start(shoal: ShoalProcess, endpoint: str, table: str, region: str = "us-east-1") -> None:
     await shoal.create_integration("source", endpoint)
-    body = {"name": COLL, "sources": [{"integration_name": "source", "dynamodb": {
-        "table_name": table, "aws_region": region, "use_scan_api": True, "rcu": 1000,
-        "settings": {"dynamodb_stream_poll_frequency": "PT0.05S"}}}]}
-    status, answer = await shoal.api("POST", "/v1/orgs/self/ws/commons/collections", body)
-    assert status == 200, answer
+    await shoal.create_collection(COLL, "source", table, region=region, poll="PT0.05S")
 
 
 async def source_status(shoal: ShoalProcess) -> dict:

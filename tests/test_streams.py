@@ -359,11 +359,7 @@ async def start_mirrored(shoal: ShoalProcess, double: StreamsDouble, ddb: Dynamo
     arn = double.mirror(table)
     shoal.start()
     await shoal.create_integration("double", double.url)
-    body = {"name": COLL, "sources": [{"integration_name": "double", "dynamodb": {
-        "table_name": table, "aws_region": "us-east-1", "rcu": 1000,
-        "settings": {"dynamodb_stream_poll_frequency": "PT0.05S"}}}]}
-    status, answer = await shoal.api("POST", "/v1/orgs/self/ws/commons/collections", body)
-    assert status == 200, answer
+    await shoal.create_collection(COLL, "double", table, poll="PT0.05S")
     await shoal.wait_ready(COLL, timeout=30)
     await converged(shoal, model, "the bulk load")
     write(ddb, table, model, ["k001"], ["k002"], ["n000"], 500)
