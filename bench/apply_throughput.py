@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shoal.index.collection import Change, Collection
-from shoal.ingest.decode import decode_item, document_id
+from shoal.ingest.decode import document_id, item_text
 from shoal.ingest.streams import change_from_record
 
 TABLE = "orders"
@@ -117,7 +117,7 @@ def decode_scan(items: list[dict[str, Any]]) -> list[Change]:
     """What `SourcePipeline._bulk_load`'s `changes_of` does per scanned page."""
     now_us = int(time.time() * 1_000_000)
     meta = {"table": TABLE, "event": "SCAN", "sequence_number": None}
-    return [Change(document_id(item, KEY_NAMES), decode_item(item), now_us, meta) for item in items]
+    return [Change(document_id(item, KEY_NAMES), item_text(item), now_us, meta) for item in items]
 
 
 def timed(function: Callable[[], Any]) -> tuple[float, float]:

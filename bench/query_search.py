@@ -92,7 +92,7 @@ def documents(start: int, count: int, rng: np.random.Generator) -> list[Change]:
             "address": {"city": CITIES[(start + i) % len(CITIES)], "zip": f"{(start + i) % 9999:04d}"},
             "tags": w[:2],
         }
-        changes.append(Change(f"d{start + i}", doc, 0, META))
+        changes.append(Change.of(f"d{start + i}", doc, 0, META))
     return changes
 
 
@@ -153,9 +153,9 @@ def tantivy_top10(index: tantivy.Index, sql: str):
     text = sql.split("'")[1]
     words = WORDS.analyze(text)
     if "PHRASE" in sql:
-        query = tantivy.Query.phrase_query(schema, "doc.body", words)
+        query = tantivy.Query.phrase_query(schema, "doc.body.S", words)
     else:
-        query = tantivy.Query.boolean_query([(tantivy.Occur.Must, tantivy.Query.term_query(schema, "doc.body", w)) for w in words])
+        query = tantivy.Query.boolean_query([(tantivy.Occur.Must, tantivy.Query.term_query(schema, "doc.body.S", w)) for w in words])
 
     def run():
         searcher = index.searcher()

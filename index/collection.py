@@ -31,7 +31,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .doctypes import build_columns, merge_types, null_array
+from .doctypes import merge_types, null_array
+from .items import ItemDecoder, decode_text, encode_item
 from .segment import (HIDDEN_NAMES, SYSTEM_FIELDS, SYSTEM_NAMES, Segment, SegmentView, conform_batch, write_durably,
                       write_fsync)
 from .textindex import TextIndex, TextPredicate, TextSearcher
@@ -54,12 +55,23 @@ TOMBSTONE_PRUNE_INTERVAL_S = 60.0
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One item's new state: `doc` is None for a delete. Applied in order per `_id`."""
+    """One item's new state: `item` is its DynamoDB JSON text (`index.items`), None for a
+    delete. Applied in order per `_id`."""
 
     id: str
-    doc: dict[str, Any] | None
+    item: bytes | None
     event_time_us: int
     meta: dict[str, str | None]
+
+    @classmethod
+    def of(cls, id: str, doc: dict[str, Any] | None, event_time_us: int, meta: dict[str, str | None]) -> "Change":
+        """The change to a document of plain values (`ingest.decode`'s types), or a delete."""
+        return cls(id, None if doc is None else encode_item(doc), event_time_us, meta)
+
+    @property
+    def doc(self) -> dict[str, Any] | None:
+        """The item as plain values (decoded one by one: not for the hot path)."""
+        return None if self.item is None else decode_text(self.item)
 
 
 Transform = Callable[[Sequence[Change]], Sequence[Change]]
@@ -111,6 +123,7 @@ class Collection:
         self._transform = transform
         self._lock = asyncio.Lock()
         self._text = TextIndex(directory / "text")
+        self._items = ItemDecoder()
         self._locations: dict[str, tuple[int, int]] = {}  # _id → (segment id, row)
         self._deletes_file: dict[int, str] = {}  # segment id → its persisted deletion mask
         self.last_refresh_at: float | None = None
@@ -151,7 +164,7 @@ class Collection:
         if not path.exists():
             self._text.clear()
             self._text.commit(0)
-            self._snapshot = Snapshot((), SYSTEM_FIELDS, 0, self._text.searcher())
+            self._snapshot = Snapshot((), SYSTEM_FIELDS, 0, self._text.searcher(_text_fields(SYSTEM_FIELDS)))
             return
         manifest = orjson.loads(path.read_bytes())
         views = []
@@ -178,17 +191,19 @@ class Collection:
                     self._locations[doc_id] = (seg_id, row)
         if self._text.generation() != self._generation:
             self._rebuild_text_index(views)
-        self._snapshot = Snapshot(tuple(views), schema, 1, self._text.searcher())
+        self._snapshot = Snapshot(tuple(views), schema, 1, self._text.searcher(_text_fields(schema)))
         self._remove_unreferenced_files()
 
     def _rebuild_text_index(self, views: list[SegmentView]) -> None:
-        """The index is derived data: after a crash between its commit and the manifest's, rebuild it."""
+        """The index is derived data: after a crash between its commit and the manifest's,
+        rebuild it from the segments' documents (re-encoded one by one; a decimal comes back
+        from its column as text, so it is indexed as a string until the item changes)."""
         self._text.clear()
         for view in views:
             batch = view.live_batch()
             fields = batch.drop_columns([name for name in batch.schema.names if name in SYSTEM_NAMES])
-            documents = ({k: v for k, v in row.items() if v is not None} for row in fields.to_pylist())
-            self._text.update((), zip(batch.column("_id").to_pylist(), batch.column("_rowid").to_pylist(), documents))
+            items = (encode_item({_item_name(k): v for k, v in row.items() if v is not None}) for row in fields.to_pylist())
+            self._text.update((), zip(batch.column("_id").to_pylist(), batch.column("_rowid").to_pylist(), items))
         self._text.commit(self._generation)
 
     async def close(self) -> None:
@@ -241,7 +256,7 @@ class Collection:
         if self._tombstones is None:
             self._tombstones = Tombstones.open(self.directory, self._generation, create=True)
         kept = self._newer_changes(changes)
-        deletions = {change.id: change.event_time_us for change in kept if change.doc is None}
+        deletions = {change.id: change.event_time_us for change in kept if change.item is None}
         self._tombstones.add(deletions, self._generation + 1)  # committed before the manifest that covers them
         try:
             self._apply(kept, checkpoint)
@@ -297,22 +312,26 @@ class Collection:
             for view in self._snapshot.views
         ]
         schema, version = self._snapshot.schema, self._snapshot.schema_version
-        upserts = [change for change in latest.values() if change.doc is not None]
-        documents = [_stored_document(change.doc) for change in upserts]
-        # Stage the text index first: tantivy indexes in its own thread while this one builds
-        # the Arrow segment, so the two overlap on separate cores until the commit.
+        upserts = [change for change in latest.values() if change.item is not None]
+        # The text index is staged beside the Arrow segment's build: tantivy parses each item
+        # holding the GIL while pyarrow parses the same texts without it, and tantivy's own
+        # indexing thread runs on until the commit.
         rowids = range(self._next_rowid, self._next_rowid + len(upserts))
-        self._text.update(replaced, zip([change.id for change in upserts], rowids, documents))
-        if upserts:
-            segment = self._build_segment(upserts, documents)
-            views.append(SegmentView(segment))
-            merged = _merged_schema(schema, segment.batch.schema)
-            if merged != schema:
-                schema, version = merged, version + 1
+        staged = _TEXT_STAGING.submit(self._text.update, replaced, zip([c.id for c in upserts], rowids, [c.item for c in upserts]))
+        try:
+            if upserts:
+                segment = self._build_segment(upserts)
+                views.append(SegmentView(segment))
+                merged = _merged_schema(schema, segment.batch.schema)
+                if merged != schema:
+                    schema, version = merged, version + 1
+        finally:
+            futures.wait([staged])  # a failed build rolls the index back: not while it is being written
+        staged.result()
         self._commit(self._compact(Snapshot(tuple(views), schema, version)), checkpoint)
 
-    def _build_segment(self, upserts: list[Change], documents: list[dict[str, Any]]) -> Segment:
-        """The segment of `upserts`, whose documents as stored are `documents`."""
+    def _build_segment(self, upserts: list[Change]) -> Segment:
+        """The segment of `upserts`."""
         seg_id, first_rowid = self._next_seg_id, self._next_rowid
         self._next_seg_id += 1
         self._next_rowid += len(upserts)
@@ -323,7 +342,8 @@ class Collection:
             "_meta": pa.array([c.meta for c in upserts], SYSTEM_FIELDS.field("_meta").type),
             "_rowid": pa.array(range(first_rowid, first_rowid + len(upserts)), pa.int64()),
         }
-        batch = pa.RecordBatch.from_pydict({**system, **build_columns(documents)})
+        columns = self._items.columns([c.item for c in upserts])
+        batch = pa.RecordBatch.from_pydict({**system, **{_stored_name(name): column for name, column in columns.items()}})
         self._locations.update(zip(ids, zip(itertools.repeat(seg_id), range(len(ids)))))
         return Segment(seg_id, batch)
 
@@ -366,7 +386,7 @@ class Collection:
         finally:
             futures.wait([written])
         written.result()
-        snapshot = replace(snapshot, searcher=self._text.searcher())
+        snapshot = replace(snapshot, searcher=self._text.searcher(_text_fields(snapshot.schema)))
         manifest = {
             "generation": generation,
             "next_rowid": self._next_rowid,
@@ -394,6 +414,9 @@ class Collection:
             del self._deletes_file[seg_id]
 
 
+# Each collection stages at most one refresh at a time (its writer lock).
+_TEXT_STAGING = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="shoal-text")
+
 _SEGMENT_VERSIONS: "weakref.WeakKeyDictionary[Segment, tuple[np.ndarray, np.ndarray]]" = weakref.WeakKeyDictionary()
 
 
@@ -414,16 +437,23 @@ def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([null_array(0, f.type) for f in schema], schema=schema)
 
 
-def _stored_document(doc: dict[str, Any]) -> dict[str, Any]:
-    """`doc` as stored: an attribute named like a system column, or like the `_score` column a
-    search adds, is kept as `_item<name>` (`_id` → `_item_id`). Most documents have none, and
-    are stored as they are (not copied)."""
-    if _RENAMED_NAMES.isdisjoint(doc):
-        return doc
-    return {(f"_item{k}" if k in _RENAMED_NAMES else k): v for k, v in doc.items()}
+def _stored_name(attribute: str) -> str:
+    """An attribute's column: an attribute named like a system column, or like the `_score`
+    column a search adds, is kept as `_item<name>` (`_id` → `_item_id`)."""
+    return f"_item{attribute}" if attribute in _RENAMED_NAMES else attribute
+
+
+def _item_name(column: str) -> str:
+    """The attribute a user column holds (`_stored_name` undone)."""
+    return column[len("_item"):] if column.startswith("_item") and column[len("_item"):] in _RENAMED_NAMES else column
 
 
 _RENAMED_NAMES = SYSTEM_NAMES | {SCORE_COLUMN}
+
+
+def _text_fields(schema: pa.Schema) -> dict[str, tuple[str, pa.DataType]]:
+    """Per user column, the attribute the text index holds it under, and its type."""
+    return {f.name: (_item_name(f.name), f.type) for f in schema if f.name not in SYSTEM_NAMES}
 
 
 def _merged_schema(schema: pa.Schema, batch_schema: pa.Schema) -> pa.Schema:

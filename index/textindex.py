@@ -1,9 +1,14 @@
 """The collection's tantivy index: every live document's fields, its `_id` and stable row id.
 
 Schema: `_id` (raw, for deletes by id), `_rowid` (i64 fast field: what search hands to the
-SQL side), and `doc`, a JSON field holding the whole document, so any field, nested
-(`address.city`) or inside an array, is searchable without declaring it. Strings are split
-by `WORDS`; numbers and booleans are indexed as typed values; binary is not indexed.
+SQL side), and `doc`, a JSON field holding the item as the source sent it, in DynamoDB JSON
+(`index.items`): tantivy parses that text itself, so no Python runs per value. Every value
+sits below its type tag: `title` is at `doc.title.S`, a number at `doc.n.N`, `address.city`
+at `doc.address.M.city.S`, the strings of a list at `doc.tags.L.S` and of a set at
+`doc.tags.SS`. A query derives the paths a field can have from the collection's schema
+(`_tag_paths`), so any field, nested or inside lists, is searchable without declaring it.
+Strings and numbers (as their text) are split by `WORDS`; searches look in strings only,
+equality with a number in numbers only.
 
 Tokenization (`WORDS`, used for documents and for query text alike): split on every
 character that is not a letter or digit, drop tokens longer than 40 bytes, lowercase. So
@@ -21,13 +26,15 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import orjson
+import pyarrow as pa
 import tantivy
+
+from .doctypes import type_name
 
 _MARKER_ID = "\x00shoal-generation"
 _DOC = "doc"
@@ -62,21 +69,13 @@ def _schema() -> tantivy.Schema:
     return builder.build()
 
 
-def _json_value(value: Any) -> Any:
-    """What orjson cannot write: decimals as their text, binary not at all."""
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, (bytes, bytearray)):
-        return None
-    raise TypeError(f"cannot index a {type(value).__name__}")
-
-
 class TextSearcher:
     """The index as of one commit; safe to use from several query threads."""
 
-    def __init__(self, searcher: tantivy.Searcher, schema: tantivy.Schema) -> None:
+    def __init__(self, searcher: tantivy.Searcher, schema: tantivy.Schema, fields: Mapping[str, tuple[str, pa.DataType]]) -> None:
         self._searcher = searcher
         self._schema = schema
+        self._fields = fields  # column name → (attribute name in the item, column type)
 
     def search(self, predicates: Iterable[TextPredicate], limit: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Row ids and BM25 scores of the documents matching every predicate, best first;
@@ -96,17 +95,75 @@ class TextSearcher:
     def _query(self, predicate: TextPredicate) -> tantivy.Query:
         if predicate.kind == "id":
             return tantivy.Query.term_query(self._schema, "_id", predicate.text)
-        # tantivy splits a JSON path at dots: a dot (or backslash) inside a name is escaped.
-        path = ".".join((_DOC, *(name.replace("\\", "\\\\").replace(".", "\\.") for name in predicate.field)))
-        if predicate.kind == "equals" and not isinstance(predicate.value, str):
-            return tantivy.Query.term_query(self._schema, path, predicate.value)
-        words = WORDS.analyze(predicate.text)
-        if not words:
+        numeric = predicate.kind == "equals" and not isinstance(predicate.value, str)
+        text = _number_text(predicate.value) if numeric else predicate.text
+        if text is None:
+            return tantivy.Query.all_query()  # no single text to look for: every document is a candidate
+        attribute, column_type = self._fields.get(predicate.field[0], (None, None))
+        if attribute is None:
+            return tantivy.Query.empty_query()
+        tags = _NUMBER_TAGS if numeric else _STRING_TAGS
+        below = _tag_paths(column_type, predicate.field[1:], tags)
+        paths = [".".join((_DOC, _escaped(attribute), path)) for path in below]
+        words = WORDS.analyze(text)
+        if not words or not paths:
             return tantivy.Query.empty_query()
         if predicate.kind in ("phrase", "equals") and len(words) > 1:
-            return tantivy.Query.phrase_query(self._schema, path, words)
-        terms = [tantivy.Query.term_query(self._schema, path, word) for word in words]
-        return terms[0] if len(terms) == 1 else tantivy.Query.boolean_query([(tantivy.Occur.Must, t) for t in terms])
+            return _any([tantivy.Query.phrase_query(self._schema, path, words) for path in paths])
+        return _all([_any([tantivy.Query.term_query(self._schema, path, word) for path in paths]) for word in words])
+
+
+# Leaf tag of each document type a query looks in, and of the sets of it.
+_STRING_TAGS = {"string": ("S", "SS")}
+_NUMBER_TAGS = {"int": ("N", "NS"), "float": ("N", "NS")}
+
+
+def _tag_paths(arrow_type: pa.DataType, names: Sequence[str], tags: Mapping[str, tuple[str, str]]) -> list[str]:
+    """The DynamoDB JSON paths, below a value of `arrow_type`, of the field `names` inside
+    it, ending at the tags of the types in `tags`: every shape the items' values can have."""
+    members = {f.name: f.type for f in arrow_type} if pa.types.is_union(arrow_type) else {_member_name(arrow_type): arrow_type}
+    paths: list[str] = []
+    for member, member_type in members.items():
+        if member == "array":
+            element = member_type.value_type
+            element_members = {f.name for f in element} if pa.types.is_union(element) else {_member_name(element)}
+            if not names:
+                paths += [tags[m][1] for m in element_members if m in tags]
+            paths += ["L." + path for path in _tag_paths(element, names, tags)]
+        elif member == "object" and names and member_type.get_field_index(names[0]) >= 0:
+            inner = member_type.field(names[0]).type
+            paths += [f"M.{_escaped(names[0])}.{path}" for path in _tag_paths(inner, names[1:], tags)]
+        elif not names and member in tags:
+            paths.append(tags[member][0])
+    return list(dict.fromkeys(paths))
+
+
+def _member_name(arrow_type: pa.DataType) -> str:
+    """The document type of a non-union column type (`doctypes.type_name`, and "decimal"
+    for nothing: a decimal is always inside a union)."""
+    return "null" if pa.types.is_null(arrow_type) else type_name(arrow_type)
+
+
+def _escaped(name: str) -> str:
+    # tantivy splits a JSON path at dots: a dot (or backslash) inside a name is escaped.
+    return name.replace("\\", "\\\\").replace(".", "\\.")
+
+
+def _number_text(value: Any) -> str | None:
+    """A number's text as DynamoDB writes it (integers plainly, no exponent), or None when
+    that is not known without the item (an exponent form)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value) if isinstance(value, int) else repr(value)
+    return None if "e" in text else text
+
+
+def _any(queries: list[tantivy.Query]) -> tantivy.Query:
+    return queries[0] if len(queries) == 1 else tantivy.Query.boolean_query([(tantivy.Occur.Should, q) for q in queries])
+
+
+def _all(queries: list[tantivy.Query]) -> tantivy.Query:
+    return queries[0] if len(queries) == 1 else tantivy.Query.boolean_query([(tantivy.Occur.Must, q) for q in queries])
 
 
 class TextIndex:
@@ -139,19 +196,21 @@ class TextIndex:
         self._index.reload()
         return self._index.searcher().num_docs - (1 if self.generation() is not None else 0)
 
-    def searcher(self) -> TextSearcher:
-        """The index as of the last commit."""
+    def searcher(self, fields: Mapping[str, tuple[str, pa.DataType]]) -> TextSearcher:
+        """The index as of the last commit, for a collection whose columns are `fields`
+        (column name → attribute name in the item, column type)."""
         self._index.reload()
-        return TextSearcher(self._index.searcher(), self._schema)
+        return TextSearcher(self._index.searcher(), self._schema, fields)
 
-    def update(self, removed_ids: Iterable[str], added: Iterable[tuple[str, int, dict[str, Any]]]) -> None:
-        """Stage removals by `_id` and additions of (`_id`, row id, document); `commit` publishes them."""
+    def update(self, removed_ids: Iterable[str], added: Iterable[tuple[str, int, bytes]]) -> None:
+        """Stage removals by `_id` and additions of (`_id`, row id, item as DynamoDB JSON);
+        `commit` publishes them."""
         for doc_id in removed_ids:
             self._writer.delete_documents_by_term("_id", doc_id)
-        for doc_id, rowid, fields in added:
+        for doc_id, rowid, item in added:
             # One JSON text per document, parsed by tantivy straight into its own document:
             # cheaper than building a `tantivy.Document`, which `add_document` then copies.
-            self._writer.add_json(orjson.dumps({"_id": doc_id, "_rowid": rowid, _DOC: fields}, default=_json_value).decode())
+            self._writer.add_json((b'{"_id":%b,"_rowid":%d,"doc":%b}' % (orjson.dumps(doc_id), rowid, item)).decode())
 
     def commit(self, generation: int) -> None:
         self._writer.delete_documents_by_term("_id", _MARKER_ID)

@@ -111,6 +111,18 @@ _OTHER_DECODERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def item_text(item: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """An item (typed values, as botocore or a JSON record hands it) as DynamoDB JSON text,
+    the form a `Change` carries: binary values are bytes from botocore, base64 in the text."""
+    return orjson.dumps(item, default=_base64_text)
+
+
+def _base64_text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"not a DynamoDB JSON value: {type(value).__name__}")
+
+
 def _key_text(typed: Mapping[str, Any]) -> str:
     ((tag, raw),) = typed.items()
     if tag == "B":

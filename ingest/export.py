@@ -44,7 +44,7 @@ import orjson
 
 from shoal.index.collection import Change
 
-from .decode import decode_item, document_id
+from .decode import document_id, item_text
 
 EXPORTING = "EXPORTING_TO_S3"  # SourceStatus.state while DynamoDB writes the export
 DOWNLOADING = "DOWNLOADING_FROM_S3"  # ... while Shoal reads its files
@@ -204,7 +204,7 @@ def export_decoder(key_names: tuple[str, ...], table_name: str) -> Callable[[lis
         changes = []
         for line in lines:
             item = orjson.loads(line)["Item"]
-            changes.append(Change(document_id(item, key_names), decode_item(item), now_us, meta))
+            changes.append(Change(document_id(item, key_names), item_text(item), now_us, meta))
         return changes
     return decode
 

@@ -48,7 +48,7 @@ import orjson
 
 from shoal.index.collection import Change
 
-from .decode import decode_item, document_id
+from .decode import document_id, item_text
 from .streams import GET_RECORDS_LIMIT, RETENTION_MARGIN_S, Page, Shard, ShardRounds, idle_wait, throttle_wait
 
 LIST_INTERVAL_S = 10.0  # new shards appear when the stream is resharded
@@ -70,14 +70,14 @@ def change_from_kinesis(record: dict[str, Any], key_names: tuple[str, ...], tabl
     ddb = body["dynamodb"]
     event = body["eventName"]
     if event == "REMOVE":
-        doc = None  # keyed by Keys; never by an image
+        item = None  # keyed by Keys; never by an image
     elif "NewImage" in ddb:
-        doc = decode_item(ddb["NewImage"])
+        item = item_text(ddb["NewImage"])
     else:
         raise ValueError(f"a {event} record of table {table_name} carries no NewImage")
     return Change(
         id=document_id(ddb["Keys"], key_names),
-        doc=doc,
+        item=item,
         event_time_us=event_time_us(ddb["ApproximateCreationDateTime"]),
         # No DynamoDB sequence number in a Kinesis record; the Kinesis one differs between copies
         # of a record, and a replayed duplicate must leave its document exactly as it was.

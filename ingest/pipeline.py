@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from shoal.index.collection import Change, Collection, Snapshot
 
 from .aws import AwsAccess
-from .decode import decode_item, document_id
+from .decode import document_id, item_text
 from .export import (
     DOWNLOADING,
     EXPORTING,
@@ -247,7 +247,7 @@ class SourcePipeline:
         def changes_of(items: list[dict]) -> list[Change]:
             now_us = int(time.time() * 1_000_000)
             meta = {"table": table_name, "event": "SCAN", "sequence_number": None}
-            return [Change(document_id(item, key_names), decode_item(item), now_us, meta) for item in items]
+            return [Change(document_id(item, key_names), item_text(item), now_us, meta) for item in items]
 
         async def apply_batch(items: list[dict], covered: ScanProgress) -> None:
             changes = await asyncio.to_thread(changes_of, items)

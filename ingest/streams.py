@@ -43,7 +43,7 @@ from typing import Any
 
 from shoal.index.collection import Change
 
-from .decode import decode_item, document_id
+from .decode import document_id, item_text
 
 # DynamoDB Streams keeps records 24 h; trimming may come a little early by our clock.
 RETENTION_S = 24 * 3600.0
@@ -91,14 +91,14 @@ def change_from_record(record: dict[str, Any], key_names: tuple[str, ...], table
     created = body.get("ApproximateCreationDateTime")
     event_time_us = int(created.timestamp() * 1_000_000) if created is not None else int(time.time() * 1_000_000)
     if event == "REMOVE":
-        doc = None  # REMOVE carries Keys and OldImage; never read keys from an empty NewImage
+        item = None  # REMOVE carries Keys and OldImage; never read keys from an empty NewImage
     elif "NewImage" in body:
-        doc = decode_item(body["NewImage"])
+        item = item_text(body["NewImage"])
     else:
         raise ValueError("stream records carry no NewImage: the stream view type must be NEW_AND_OLD_IMAGES")
     return Change(
         id=document_id(body["Keys"], key_names),
-        doc=doc,
+        item=item,
         event_time_us=event_time_us,
         meta={"table": table_name, "event": event, "sequence_number": body.get("SequenceNumber")},
     )

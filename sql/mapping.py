@@ -24,7 +24,7 @@ from datafusion import SessionConfig, SessionContext, SQLOptions
 from sqlglot import exp
 
 from shoal.index.collection import Change
-from shoal.index.doctypes import build_columns
+from shoal.index.items import ItemDecoder, encode_item
 
 from .planner import QueryError, parse_single_query
 
@@ -54,17 +54,18 @@ class FieldMapping:
             raise QueryError("a field mapping must keep _id unchanged: SELECT *, ... or SELECT _id, ... FROM _input")
         self.sql = sql
         self._named_fields = {column.parts[0].name for column in tree.find_all(exp.Column)}
+        self._items = ItemDecoder()
 
     def apply(self, changes: Sequence[Change]) -> list[Change]:
         latest = {change.id: change for change in changes}  # storage keeps only the last per _id too
-        upserts = [change for change in latest.values() if change.doc is not None]
+        upserts = [change for change in latest.values() if change.item is not None]
         mapped = self._run(upserts) if upserts else {}
-        return [change if change.doc is None else dataclasses.replace(change, doc=mapped.get(change.id)) for change in latest.values()]
+        return [change if change.item is None else dataclasses.replace(change, item=mapped.get(change.id)) for change in latest.values()]
 
-    def _run(self, upserts: list[Change]) -> dict[str, dict[str, Any]]:
+    def _run(self, upserts: list[Change]) -> dict[str, bytes]:
         # An attribute literally named `_id` must not shadow the document id.
-        docs = [{("_item_id" if k == "_id" else k): v for k, v in c.doc.items()} for c in upserts]
-        columns = {"_id": pa.array([c.id for c in upserts], pa.string()), **build_columns(docs)}
+        documents = {("_item_id" if k == "_id" else k): v for k, v in self._items.columns([c.item for c in upserts]).items()}
+        columns = {"_id": pa.array([c.id for c in upserts], pa.string()), **documents}
         for name in self._named_fields - columns.keys():
             columns[name] = pa.nulls(len(upserts))
         context = SessionContext(SessionConfig().with_target_partitions(1).set("datafusion.sql_parser.enable_ident_normalization", "false"))
@@ -79,7 +80,7 @@ class FieldMapping:
             doc_id = row.pop("_id")
             if doc_id not in ids:
                 raise QueryError(f"field mapping changed _id (got {doc_id!r}): it must pass _id through unchanged")
-            mapped[doc_id] = {k: _stored(v) for k, v in row.items() if v is not None}
+            mapped[doc_id] = encode_item({("_id" if k == "_item_id" else k): _stored(v) for k, v in row.items() if v is not None})
         return mapped
 
 

@@ -382,10 +382,10 @@ async def test_a_reopened_collection_with_an_empty_union_reports_its_size(tmp_pa
     that back from the file with no type-ids buffer, and `RecordBatch.nbytes` then crashed the
     server (segfault) on its next status request after a restart."""
     collection = Collection.open(tmp_path / "c")
-    mixed = [Change(f"big{i}", {"m": [1, "x"] if i % 2 else 5}, 1, {}) for i in range(40)]
+    mixed = [Change.of(f"big{i}", {"m": [1, "x"] if i % 2 else 5}, 1, {}) for i in range(40)]
     await collection.apply(mixed, None)
     for i in range(14):  # more segments than compaction allows: the small ones are merged
-        await collection.apply([Change(f"small{i}", {"v": i}, 1, {})], None)
+        await collection.apply([Change.of(f"small{i}", {"v": i}, 1, {})], None)
     await collection.close()
     reopened = Collection.open(tmp_path / "c")
     assert reopened.doc_count == 54

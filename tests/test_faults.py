@@ -197,7 +197,7 @@ async def _stream_applied(shoal: ShoalProcess) -> bool:
 
 
 def _docs(first: int, count: int, tag: str) -> list[Change]:
-    return [Change(f"d{i}", {"n": i, "tag": tag, "text": f"word{i % 13} " * 20}, 1, {}) for i in range(first, first + count)]
+    return [Change.of(f"d{i}", {"n": i, "tag": tag, "text": f"word{i % 13} " * 20}, 1, {}) for i in range(first, first + count)]
 
 
 def _state(collection: Collection) -> dict[str, dict]:
@@ -245,7 +245,7 @@ async def test_disk_full_during_a_segment_write(tmp_path: Path, monkeypatch):
         real_write_all(paths)
 
     monkeypatch.setattr(segment_module, "_write_all", full_disk)
-    second = _docs(100, 200, "b") + [Change("d0", None, 1, {})]  # replaces, adds and deletes
+    second = _docs(100, 200, "b") + [Change.of("d0", None, 1, {})]  # replaces, adds and deletes
     with pytest.raises(OSError) as raised:
         await collection.apply(second, {"n": 2})
     assert raised.value.errno == errno.ENOSPC and failures
@@ -414,8 +414,8 @@ def batch(n: int) -> list[Change]:
     """Batch n: 800 upserts and 100 deletes over a key space of 6,000 (deterministic)."""
     rng = random.Random(n)
     ids = rng.sample(range(6000), 900)
-    return ([Change(f"d{i}", {"n": n, "tag": f"t{i % 7}", "text": f"batch {n} word{i % 17}"}, n, {}) for i in ids[:800]]
-            + [Change(f"d{i}", None, n, {}) for i in ids[800:]])
+    return ([Change.of(f"d{i}", {"n": n, "tag": f"t{i % 7}", "text": f"batch {n} word{i % 17}"}, n, {}) for i in ids[:800]]
+            + [Change.of(f"d{i}", None, n, {}) for i in ids[800:]])
 
 
 def _applied_up_to(n: int) -> dict[str, dict]:

@@ -26,15 +26,15 @@ async def test_mapping_masks_derives_and_filters(tmp_path):
     collection = Collection.open(tmp_path, FieldMapping(MASKING).apply)
     try:
         await collection.apply([
-            Change("a", {"email": "ann@example.com", "city": "oslo", "n": 1}, 0, META),
-            Change("b", {"email": "bob@example.com", "n": 2}, 0, META),
-            Change("c", {"email": "cy@example.com", "hidden": True}, 0, META),
+            Change.of("a", {"email": "ann@example.com", "city": "oslo", "n": 1}, 0, META),
+            Change.of("b", {"email": "bob@example.com", "n": 2}, 0, META),
+            Change.of("c", {"email": "cy@example.com", "hidden": True}, 0, META),
         ], None)
         got = rows(collection, "SELECT _id, n, city, email_hash FROM docs ORDER BY _id")
         assert [(r["_id"], r["n"], r["city"]) for r in got] == [("a", 1, "OSLO"), ("b", 2, None)]
         assert len(got[0]["email_hash"]) == 64 and "email" not in collection.snapshot().query_schema.names
         # An update the mapping filters out removes the document; a delete passes through.
-        await collection.apply([Change("a", {"email": "ann@example.com", "hidden": True}, 0, META), Change("b", None, 0, META)], None)
+        await collection.apply([Change.of("a", {"email": "ann@example.com", "hidden": True}, 0, META), Change.of("b", None, 0, META)], None)
         assert rows(collection, "SELECT _id FROM docs") == []
     finally:
         await collection.close()
@@ -43,9 +43,9 @@ async def test_mapping_masks_derives_and_filters(tmp_path):
 async def test_a_failing_mapping_stores_nothing(tmp_path):
     collection = Collection.open(tmp_path, FieldMapping("SELECT *, CAST(n AS INT) AS m FROM _input").apply)
     try:
-        await collection.apply([Change("a", {"n": "1"}, 0, META)], {"at": 1})
+        await collection.apply([Change.of("a", {"n": "1"}, 0, META)], {"at": 1})
         with pytest.raises(QueryError, match="field mapping failed"):
-            await collection.apply([Change("a", {"n": "one"}, 0, META)], {"at": 2})
+            await collection.apply([Change.of("a", {"n": "one"}, 0, META)], {"at": 2})
         assert rows(collection, "SELECT _id, m FROM docs") == [{"_id": "a", "m": 1}]
         assert collection.checkpoint == {"at": 1}
     finally:
@@ -66,7 +66,7 @@ async def test_a_failing_mapping_stores_nothing(tmp_path):
 )
 def test_mappings_that_are_not_row_by_row_are_refused(sql):
     with pytest.raises(QueryError):
-        FieldMapping(sql).apply([Change("a", {"n": 1, "name": "x"}, 0, META)])
+        FieldMapping(sql).apply([Change.of("a", {"n": 1, "name": "x"}, 0, META)])
 
 
 async def test_mapping_over_http_applies_to_scan_and_stream(shoal, ddb, table_name, moto_server):

@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shoal.index.collection import Change, Collection
-from shoal.ingest.decode import decode_item, document_id
+from shoal.ingest.decode import document_id, item_text
 from shoal.server.routes import _json_default
 from shoal.sql.engine import execute
 from shoal.sql.planner import prepare
@@ -405,7 +405,7 @@ async def round_trip_in_process(first: dict[str, dict], second: dict[str, dict])
         try:
             meta = {"table": "t", "event": "INSERT", "sequence_number": None}
             for batch in (first, second):
-                changes = [Change(document_id(item, ("pk",)), decode_item(item), 0, meta) for item in batch.values()]
+                changes = [Change(document_id(item, ("pk",)), item_text(item), 0, meta) for item in batch.values()]
                 await collection.apply(changes, None)
             snapshot = collection.snapshot()
             prepared = prepare("SELECT * FROM commons.t", [], lambda ws, name: snapshot.query_schema)

@@ -63,7 +63,7 @@ T0 = int(time.time() * 1_000_000)
 
 def change(pk: str, value: int | None, at: int, event: str = "MODIFY") -> Change:
     doc = None if value is None else {"pk": pk, "v": value}
-    return Change(pk, doc, T0 + at, {"table": "t", "event": "REMOVE" if value is None else event, "sequence_number": None})
+    return Change.of(pk, doc, T0 + at, {"table": "t", "event": "REMOVE" if value is None else event, "sequence_number": None})
 
 
 def values(collection: Collection) -> dict[str, int]:

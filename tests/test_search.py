@@ -89,11 +89,11 @@ async def test_random_searches_equal_brute_force(corpus):
         for _ in range(rng.randint(20, 120)):
             doc_id = f"d{rng.randint(0, 300)}"
             if doc_id in docs and rng.random() < 0.3:
-                changes.append(Change(doc_id, None, 0, META))
+                changes.append(Change.of(doc_id, None, 0, META))
                 docs.pop(doc_id)
             else:
                 docs[doc_id] = random_doc(rng)
-                changes.append(Change(doc_id, docs[doc_id], 0, META))
+                changes.append(Change.of(doc_id, docs[doc_id], 0, META))
         await collection.apply(changes, None)
         for _query in range(25):
             predicates = []
@@ -119,7 +119,7 @@ async def test_top_k_by_score(corpus):
     rng = random.Random(7)
     for i in range(400):
         docs[f"d{i}"] = random_doc(rng)
-    await collection.apply([Change(k, v, 0, META) for k, v in docs.items()], None)
+    await collection.apply([Change.of(k, v, 0, META) for k, v in docs.items()], None)
     everything = query("SELECT _id, SCORE() AS s FROM docs WHERE SEARCH(CONTAINS(title, 'alpha'))")
     best = query("SELECT _id, SCORE() AS s FROM docs WHERE SEARCH(CONTAINS(title, 'alpha')) ORDER BY SCORE() DESC LIMIT 10")
     assert sorted(r["_id"] for r in everything) == sorted(k for k, d in docs.items() if "alpha" in words_of(d["title"]))
@@ -131,22 +131,22 @@ async def test_top_k_by_score(corpus):
 
 async def test_search_sees_updates_and_deletes_at_once(corpus):
     collection, _, query = corpus
-    await collection.apply([Change("a", {"title": "red fox"}, 0, META), Change("b", {"title": "red hen"}, 0, META)], None)
-    await collection.apply([Change("a", {"title": "blue fox"}, 0, META), Change("b", None, 0, META)], None)
+    await collection.apply([Change.of("a", {"title": "red fox"}, 0, META), Change.of("b", {"title": "red hen"}, 0, META)], None)
+    await collection.apply([Change.of("a", {"title": "blue fox"}, 0, META), Change.of("b", None, 0, META)], None)
     assert query("SELECT _id FROM docs WHERE SEARCH(CONTAINS(title, 'red'))") == []
     assert query("SELECT _id, title FROM docs WHERE SEARCH(CONTAINS(title, 'fox'))") == [{"_id": "a", "title": "blue fox"}]
 
 
 async def test_select_star_is_the_document_without_score(corpus):
     collection, _, query = corpus
-    await collection.apply([Change("a", {"title": "red fox", "n": 1}, 0, META)], None)
+    await collection.apply([Change.of("a", {"title": "red fox", "n": 1}, 0, META)], None)
     (row,) = query("SELECT * FROM docs WHERE SEARCH(CONTAINS(title, 'fox'))")
     assert "_score" not in row and row["title"] == "red fox" and row["n"] == 1
 
 
 async def test_index_rebuilt_from_segments_after_loss(tmp_path):
     collection = Collection.open(tmp_path)
-    await collection.apply([Change("a", {"title": "red fox", "tags": ["wild"]}, 0, META)], None)
+    await collection.apply([Change.of("a", {"title": "red fox", "tags": ["wild"]}, 0, META)], None)
     await collection.close()
     for path in sorted((tmp_path / "text").iterdir(), reverse=True):
         if path.is_file():
@@ -171,7 +171,7 @@ async def test_index_rebuilt_from_segments_after_loss(tmp_path):
 )
 async def test_misused_search_is_a_clear_error(corpus, sql):
     collection, _, query = corpus
-    await collection.apply([Change("a", {"title": "red fox", "n": 1}, 0, META)], None)
+    await collection.apply([Change.of("a", {"title": "red fox", "n": 1}, 0, META)], None)
     with pytest.raises(QueryError):
         query(sql)
 
@@ -209,9 +209,9 @@ async def test_point_lookups_by_id_equal_a_filter(corpus, where):
     """`_id = 'x'` is answered from the index; the answer must be what a filter gives."""
     collection, docs, query = corpus
     rng = random.Random(3)
-    changes = [Change(f"d{i}", random_doc(rng), 0, META) for i in range(20)]
+    changes = [Change.of(f"d{i}", random_doc(rng), 0, META) for i in range(20)]
     await collection.apply(changes, None)
-    await collection.apply([Change("d3", None, 0, META), Change("d7", {"title": "new", "n": 1}, 0, META)], None)
+    await collection.apply([Change.of("d3", None, 0, META), Change.of("d7", {"title": "new", "n": 1}, 0, META)], None)
     looked_up = query(f"SELECT _id, title FROM docs WHERE {where}")
     # The same condition where the planner cannot use the index (a CTE) is a plain filter.
     filtered = query(f"WITH plain AS (SELECT * FROM commons.docs) SELECT _id, title FROM plain AS docs WHERE {where}")
@@ -241,7 +241,7 @@ async def test_searches_answered_without_datafusion_equal_its_answers(corpus, se
         return {**random_doc(rng), "title": " ".join(rng.choice(VOCABULARY[:3]) for _ in range(rng.randint(1, 12)))}
 
     for first in range(0, 300, 100):  # several segments: matches come segment by segment
-        await collection.apply([Change(f"d{i}", doc(), 0, META) for i in range(first, first + 100)], None)
+        await collection.apply([Change.of(f"d{i}", doc(), 0, META) for i in range(first, first + 100)], None)
     prepared = prepare(select, [], lambda *_: collection.snapshot().query_schema)
     via_datafusion = dataclasses.replace(prepared, direct=None)
     expected = execute(via_datafusion, lambda *_: collection.snapshot(), 100_000, 30).table
@@ -263,7 +263,7 @@ async def test_searches_answered_without_datafusion_equal_its_answers(corpus, se
 
 async def test_a_direct_search_of_an_unknown_column_is_datafusions_error(corpus):
     collection, _, query = corpus
-    await collection.apply([Change("a", {"title": "alpha"}, 0, META)], None)
+    await collection.apply([Change.of("a", {"title": "alpha"}, 0, META)], None)
     with pytest.raises(QueryError, match="missing"):
         query("SELECT _id, missing FROM docs WHERE SEARCH(CONTAINS(title, 'alpha'))")
 
@@ -272,9 +272,9 @@ async def test_a_cached_plan_follows_a_changed_schema(corpus):
     """Plans are reused (`prepare` caches them) only while the schemas they read are unchanged:
     `typeof(n)` is a constant over an int field, per value over a mixed one."""
     collection, _, query = corpus
-    await collection.apply([Change("a", {"n": 1}, 0, META)], None)
+    await collection.apply([Change.of("a", {"n": 1}, 0, META)], None)
     assert query("SELECT _id, typeof(n) AS t FROM docs") == [{"_id": "a", "t": "int"}]
-    await collection.apply([Change("b", {"n": "1"}, 0, META)], None)
+    await collection.apply([Change.of("b", {"n": "1"}, 0, META)], None)
     assert sorted(map(tuple, map(dict.values, query("SELECT _id, typeof(n) AS t FROM docs")))) == [("a", "int"), ("b", "string")]
 
 
@@ -292,7 +292,7 @@ async def test_equality_filters_from_the_index_equal_a_scan(corpus, monkeypatch)
         for i in range(first, first + 80):
             doc = {"v": rng.choice(values), "meta": {"tag": rng.choice(strings)}, "n": rng.choice([1, 2, 2.5, 3])}
             docs[f"d{i}"] = {k: v for k, v in doc.items() if v is not None}
-            changes.append(Change(f"d{i}", docs[f"d{i}"], 0, META))
+            changes.append(Change.of(f"d{i}", docs[f"d{i}"], 0, META))
         await collection.apply(changes, None)
     literals = ["'alpha'", "'Alpha'", "'alpha beta'", "'alpha-beta'", "''", f"'{long_word}'", f"'alpha {long_word}'",
                 f"'alpha {long_word} beta'", "'3'", "3", "3.0", "3.5", "-2", "0", "2.5", "2", str(10**17)]

@@ -21,7 +21,7 @@ async def run(tmp_path):
         {"amount": 7, "mixed": True, "city": {"name": "Oslo"}, "tag": "a"},
         {"amount": "n/a", "tag": "c"},
     ]
-    await collection.apply([Change(f"d{i}", doc, 0, META) for i, doc in enumerate(docs)], None)
+    await collection.apply([Change.of(f"d{i}", doc, 0, META) for i, doc in enumerate(docs)], None)
 
     def query(sql: str, parameters: list | None = None) -> list[dict]:
         known = {("commons", "orders"): collection}

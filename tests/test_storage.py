@@ -12,11 +12,11 @@ META = {"table": "t", "event": "INSERT", "sequence_number": None}
 
 
 def upsert(doc_id: str, **doc) -> Change:
-    return Change(doc_id, doc, 1_700_000_000_000_000, META)
+    return Change.of(doc_id, doc, 1_700_000_000_000_000, META)
 
 
 def delete(doc_id: str) -> Change:
-    return Change(doc_id, None, 1_700_000_000_000_000, META)
+    return Change.of(doc_id, None, 1_700_000_000_000_000, META)
 
 
 def rows(collection: Collection) -> dict[str, dict]:

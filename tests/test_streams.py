@@ -416,7 +416,7 @@ async def test_a_bulk_load_interrupted_before_its_clean_up_still_removes_what_it
     scan_start = time.time()
 
     def change(pk: str, event: str, at: float) -> Change:
-        return Change(pk, {"pk": pk, "v": -1}, int(at * 1_000_000), {"table": table_name, "event": event, "sequence_number": None})
+        return Change.of(pk, {"pk": pk, "v": -1}, int(at * 1_000_000), {"table": table_name, "event": event, "sequence_number": None})
 
     collection = Collection.open(tmp_path / "index")
     leftovers = [change("deleted-before", "SCAN", scan_start - 3600), change("deleted-by-stream", "INSERT", scan_start - 60)]
@@ -539,7 +539,7 @@ def test_the_replay_skips_changes_the_bulk_load_already_holds():
     start_us = int(datetime.fromisoformat(started).timestamp() * 1_000_000)
     meta = {"table": "t", "event": "MODIFY", "sequence_number": "1"}
     at = [start_us - int((REPLAY_SKIP_MARGIN_S + 5) * 1e6), start_us - int((REPLAY_SKIP_MARGIN_S - 5) * 1e6), start_us + 1]
-    changes = [Change(f"d{i}", {"n": i}, t, meta) for i, t in enumerate(at)]
+    changes = [Change.of(f"d{i}", {"n": i}, t, meta) for i, t in enumerate(at)]
     kept = _after_bulk_load_began(changes, {"phase": "stream", "scan": {"start_time": started}})
     assert [c.id for c in kept] == ["d1", "d2"]
     assert _after_bulk_load_began(changes, {"phase": "stream", "stream": {}}) == changes  # no bulk load known

@@ -1,0 +1,279 @@
+"""DynamoDB items → Arrow columns, a whole batch at a time.
+
+Every source delivers an item as DynamoDB JSON (a stream record's `NewImage`, a Scan page's
+item, an export file's line, a Kinesis record), and a `Change` carries it as that JSON text
+(`encode_item` makes it from plain values, for tests and the field mapping). A refresh parses
+the texts of its batch in one pyarrow JSON read (C++), which gives one struct column per
+attribute with one child per type tag (`{"S": ..., "N": ...}`), and maps the tags to Shoal's
+document types (`index.doctypes`) with Arrow compute, column by column: no Python runs per
+item. The same texts go to the text index as they are.
+
+The fast path covers strings, numbers that are int64 integers or floats written as their
+shortest text, booleans, nulls, maps, lists, string and number sets. A column with anything
+else (binary, a 38-digit or `1E+125` number, lists and sets in one field, ...) is decoded
+value by value with `ingest.decode` (the number rule and the type table live there) and built
+by `doctypes.build_array`: that path is the definition, and tests/test_items.py checks that
+both give identical columns for random items.
+
+pyarrow's JSON reader reads text that looks like a timestamp as a timestamp; a string stays
+a string here: a read that inferred anything but strings, booleans, lists and structs is read
+again with those paths declared as strings (`ItemDecoder` remembers them for later batches).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from decimal import Decimal
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
+
+from shoal.ingest.decode import decode_item, decode_value
+
+from .doctypes import TYPE_ORDER, build_array, build_columns, infer_type
+
+_INT = r"^-?(0|[1-9][0-9]{0,17})$"  # at most 18 digits: always within int64
+_PLAIN_DECIMAL = r"^-?[0-9]+\.[0-9]+$"
+_TRAILING_ZEROS = r"^(-?[0-9]+)(?:\.0*|(\.[0-9]*[1-9])0*)$"
+
+
+class _NotCovered(Exception):
+    """The fast path does not cover this column: decode it value by value."""
+
+
+def encode_item(doc: Mapping[str, Any]) -> bytes:
+    """A document of plain values (the types of `ingest.decode`) as DynamoDB JSON text."""
+    return orjson.dumps({name: _typed(value) for name, value in doc.items()})
+
+
+def _typed(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        return {"S": value}
+    if isinstance(value, bool):
+        return {"BOOL": value}
+    if isinstance(value, (int, Decimal)):
+        return {"N": str(value)}
+    if isinstance(value, float):
+        return {"N": repr(value)}
+    if value is None:
+        return {"NULL": True}
+    if isinstance(value, dict):
+        return {"M": {name: _typed(v) for name, v in value.items()}}
+    if isinstance(value, list):
+        return {"L": [_typed(v) for v in value]}
+    if isinstance(value, (bytes, bytearray)):
+        return {"B": base64.b64encode(value).decode("ascii")}
+    raise TypeError(f"not a document value: {type(value).__name__}")
+
+
+def decode_text(item: bytes) -> dict[str, Any]:
+    """One item's DynamoDB JSON text as plain values (the slow path, one item)."""
+    return decode_item(orjson.loads(item))
+
+
+class ItemDecoder:
+    """Decodes batches of item texts into columns; one per collection (it learns which
+    attribute paths pyarrow mistakes for timestamps)."""
+
+    def __init__(self) -> None:
+        self._declared: pa.Schema | None = None  # paths to read as strings
+
+    def columns(self, items: Sequence[bytes]) -> dict[str, pa.Array]:
+        """The user columns of `items` (name → column, in first-seen order), typed as
+        `doctypes.build_columns` types the decoded documents."""
+        if not items:
+            return {}
+        try:
+            table = self._read(items)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            # Not what pyarrow's reader takes (e.g. nesting beyond its limit): the slow path.
+            return build_columns([decode_text(item) for item in items])
+        columns = {}
+        for name, chunked in zip(table.column_names, table.columns):
+            tagged = chunked.combine_chunks()
+            if tagged.null_count == len(tagged):
+                continue  # declared, but in no item of this batch
+            try:
+                columns[name] = _column(tagged)
+            except _NotCovered:
+                values = [_plain(value) for value in tagged.to_pylist()]
+                columns[name] = build_array(values, infer_type(values))
+        return columns
+
+    def _read(self, items: Sequence[bytes]) -> pa.Table:
+        data = b"\n".join(items)
+        # One block: the reader infers each block's types on its own, and a path could look
+        # like a timestamp in one block and not in another.
+        read_options = pa_json.ReadOptions(block_size=len(data) + 1, use_threads=False)
+        parse_options = pa_json.ParseOptions(explicit_schema=self._declared, unexpected_field_behavior="infer")
+        table = pa_json.read_json(io.BytesIO(data), read_options=read_options, parse_options=parse_options)
+        strings = _as_strings(table.schema)
+        if strings is None:
+            return table
+        self._declared = strings if self._declared is None else _merge_declared(self._declared, strings)
+        parse_options = pa_json.ParseOptions(explicit_schema=self._declared, unexpected_field_behavior="infer")
+        table = pa_json.read_json(io.BytesIO(data), read_options=read_options, parse_options=parse_options)
+        if _as_strings(table.schema) is not None:
+            raise pa.ArrowInvalid("the JSON reader keeps inferring non-string values")
+        return table
+
+
+# ----------------------------------------------------------------------------- the fast path
+
+
+def _column(tagged: pa.Array) -> pa.Array:
+    """One attribute's values, given as a struct with a child per type tag (null where the
+    item lacks the attribute), as the column `build_array` would make of the decoded values."""
+    if pa.types.is_null(tagged.type):
+        return pa.nulls(len(tagged))
+    members: dict[str, pa.Array] = {}
+    for field, child in zip(tagged.type, tagged.flatten()):  # flatten: null where the attribute is
+        if child.null_count == len(child) or field.name == "NULL":
+            continue  # a NULL holds no value of any type
+        for name, array in _members(field.name, child).items():
+            if name in members:
+                raise _NotCovered  # e.g. a list and a set in one field: merge by value
+            members[name] = array
+    return _assemble(members, len(tagged))
+
+
+def _members(tag: str, child: pa.Array) -> dict[str, pa.Array]:
+    """Type name → full-length array of the values tagged `tag` (null elsewhere)."""
+    if tag == "S" and pa.types.is_string(child.type):
+        return {"string": child}
+    if tag == "BOOL" and pa.types.is_boolean(child.type):
+        return {"bool": child}
+    if tag == "N" and pa.types.is_string(child.type):
+        return _numbers(child)
+    if tag == "M" and pa.types.is_struct(child.type):
+        return {"object": _struct(child)}
+    if tag == "L" and pa.types.is_list(child.type):
+        return {"array": _list(child, _column(child.values))}
+    if tag == "SS" and child.type == pa.list_(pa.string()):
+        return {"array": child}
+    if tag == "NS" and child.type == pa.list_(pa.string()):
+        return {"array": _list(child, _assemble(_numbers(child.values), len(child.values)))}
+    raise _NotCovered  # binary (base64 to decode), or an unexpected shape
+
+
+def _numbers(texts: pa.Array) -> dict[str, pa.Array]:
+    """Number texts by the number rule (`ingest.decode`): int64 integers, and floats whose
+    shortest text is the number; anything else goes the exact way. Trailing zeros after the
+    point change no value (`12.50` is 12.5, `100.0` is 100): they are dropped first."""
+    texts = pc.replace_substring_regex(texts, _TRAILING_ZEROS, r"\1\2")
+    is_int = pc.fill_null(pc.match_substring_regex(texts, _INT), False)
+    is_plain_decimal = pc.fill_null(pc.match_substring_regex(texts, _PLAIN_DECIMAL), False)
+    floats = pc.cast(pc.if_else(is_plain_decimal, texts, None), pa.float64())
+    exact_float = pc.and_(
+        pc.and_(is_plain_decimal, pc.not_equal(floats, pc.floor(floats))),
+        pc.equal(pc.cast(floats, pa.string()), texts),
+    )
+    exact_float = pc.fill_null(exact_float, False)
+    covered = pc.or_(is_int, exact_float)
+    if pc.sum(covered).as_py() != len(texts) - texts.null_count:
+        raise _NotCovered
+    members = {}
+    if pc.any(is_int).as_py():
+        members["int"] = pc.cast(pc.if_else(is_int, texts, None), pa.int64())
+    if pc.any(exact_float).as_py():
+        members["float"] = pc.if_else(exact_float, floats, None)
+    return members
+
+
+def _struct(maps: pa.StructArray) -> pa.Array:
+    """A map attribute's values (each map field tagged) as a struct of converted fields,
+    null where the value is not a map; fields no map of the batch holds are left out."""
+    fields, children = [], []
+    for field, child in zip(maps.type, maps.flatten()):
+        if child.null_count == len(child):
+            continue
+        try:
+            converted = _column(child)
+        except _NotCovered:
+            values = [_plain(value) for value in child.to_pylist()]
+            converted = build_array(values, infer_type(values))
+        fields.append(pa.field(field.name, converted.type))
+        children.append(converted)
+    if not fields:
+        raise _NotCovered  # only empty maps: pyarrow makes no zero-field struct with a length
+    return pa.StructArray.from_arrays(children, fields=fields, mask=maps.is_null())
+
+
+def _list(lists: pa.ListArray, elements: pa.Array) -> pa.Array:
+    """`lists` with its elements replaced by `elements` (converted `lists.values`)."""
+    return pa.ListArray.from_arrays(lists.offsets, elements, mask=lists.is_null())
+
+
+def _assemble(members: dict[str, pa.Array], length: int) -> pa.Array:
+    """One column from its type members: the member itself when there is one (decimals
+    excepted), else a sparse union with a child per type, as `doctypes` makes them."""
+    if not members:
+        return pa.nulls(length)
+    if len(members) == 1 and "decimal" not in members:
+        return next(iter(members.values()))
+    names = sorted(members, key=TYPE_ORDER.index)
+    codes = [TYPE_ORDER.index(name) for name in names]
+    type_ids = np.full(length, codes[0], np.int8)
+    for name, code in zip(names, codes):
+        valid = members[name].is_valid().to_numpy(zero_copy_only=False)
+        type_ids[valid] = code
+    return pa.UnionArray.from_sparse(pa.array(type_ids, pa.int8()), [members[n] for n in names], names, codes)
+
+
+# ----------------------------------------------------------------------------- by value
+
+
+def _plain(tagged: dict[str, Any] | None) -> Any:
+    """A value as the reader returns it (a dict with every tag of its column, None for the
+    tags it lacks) decoded to its plain value; None for a missing attribute."""
+    if tagged is None:
+        return None
+    tag, raw = next(((tag, raw) for tag, raw in tagged.items() if raw is not None), ("NULL", True))
+    if tag == "M":
+        return {name: _plain(value) for name, value in raw.items() if value is not None}
+    if tag == "L":
+        return [_plain(value) for value in raw]
+    return decode_value({tag: raw})
+
+
+# ----------------------------------------------------------------------------- declared strings
+
+
+def _as_strings(schema: pa.Schema) -> pa.Schema | None:
+    """The paths of `schema` the reader inferred as something other than DynamoDB JSON's
+    strings, booleans, lists and structs, declared as strings; None when there are none."""
+    fields = [f for f in (_field_as_strings(field) for field in schema) if f is not None]
+    return pa.schema(fields) if fields else None
+
+
+def _field_as_strings(field: pa.Field) -> pa.Field | None:
+    kind = field.type
+    if pa.types.is_struct(kind):
+        children = [f for f in (_field_as_strings(child) for child in kind) if f is not None]
+        return pa.field(field.name, pa.struct(children)) if children else None
+    if pa.types.is_list(kind):
+        element = _field_as_strings(kind.value_field)
+        return pa.field(field.name, pa.list_(element)) if element is not None else None
+    if pa.types.is_string(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind):
+        return None
+    return pa.field(field.name, pa.string())
+
+
+def _merge_declared(a: pa.Schema, b: pa.Schema) -> pa.Schema:
+    fields = {f.name: f for f in a}
+    for f in b:
+        fields[f.name] = _merge_field(fields[f.name], f) if f.name in fields else f
+    return pa.schema(list(fields.values()))
+
+
+def _merge_field(a: pa.Field, b: pa.Field) -> pa.Field:
+    if pa.types.is_struct(a.type) and pa.types.is_struct(b.type):
+        return pa.field(a.name, pa.struct(list(_merge_declared(pa.schema(list(a.type)), pa.schema(list(b.type))))))
+    if pa.types.is_list(a.type) and pa.types.is_list(b.type):
+        return pa.field(a.name, pa.list_(_merge_field(a.type.value_field, b.type.value_field)))
+    return b

@@ -1,0 +1,106 @@
+"""Bulk decoding of items (index/items.py) against the definition: decoding each item to plain
+values (ingest/decode.py) and typing them with doctypes.build_columns."""
+
+from __future__ import annotations
+
+import orjson
+import pyarrow as pa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_item_limits import BATCHES, NAMES
+
+from shoal.index import items as items_module
+from shoal.index.doctypes import build_columns
+from shoal.index.items import ItemDecoder, encode_item
+from shoal.ingest.decode import decode_item, item_text
+
+
+def by_value(texts: list[bytes]) -> dict[str, pa.Array]:
+    return build_columns([decode_item(orjson.loads(text)) for text in texts])
+
+
+def assert_same_columns(actual: dict[str, pa.Array], expected: dict[str, pa.Array]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, column in expected.items():
+        # Struct fields may come in another order (the reader puts declared paths first).
+        got = actual[name]
+        if got.type != column.type:
+            assert _sorted_type(got.type) == _sorted_type(column.type), name
+        assert got.to_pylist() == column.to_pylist(), name
+
+
+def _sorted_type(arrow_type: pa.DataType) -> str:
+    if pa.types.is_struct(arrow_type):
+        return "struct<" + ",".join(sorted(f"{f.name}:{_sorted_type(f.type)}" for f in arrow_type)) + ">"
+    if pa.types.is_list(arrow_type):
+        return f"list<{_sorted_type(arrow_type.value_type)}>"
+    if pa.types.is_union(arrow_type):
+        return "union<" + ",".join(f"{f.name}:{_sorted_type(f.type)}" for f in arrow_type) + ">"
+    return str(arrow_type)
+
+
+@settings(max_examples=150, deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(BATCHES, BATCHES)
+def test_any_items_decode_as_by_value(first, second):
+    decoder = ItemDecoder()  # two batches: the second reads with what the first declared
+    for batch in (first, second):
+        texts = [item_text(item) for item in batch]
+        assert_same_columns(decoder.columns(texts), by_value(texts))
+
+
+# Items of the shapes the fast path covers: no binary, numbers of the common forms.
+FAST_NUMBERS = st.one_of(
+    st.integers(-(2**63), 2**63 - 1).map(str),
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e15, max_value=1e15).map(repr),
+    st.decimals(min_value=-10**6, max_value=10**6, places=3, allow_nan=False).map(lambda d: str(d.normalize())),
+    # Plain decimal text that is not a float's shortest text: exact, so a decimal.
+    st.decimals(min_value=-10, max_value=10, places=20, allow_nan=False).map(lambda d: f"{d:f}"),
+)
+FAST_SCALARS = st.one_of(
+    st.builds(lambda s: {"S": s}, st.text(max_size=12)),
+    st.sampled_from(["2024-01-01", "2024-01-01T10:00:00Z", "2024-01-01 10:00:00", "10:00"]).map(lambda s: {"S": s}),
+    st.builds(lambda n: {"N": n}, FAST_NUMBERS),
+    st.builds(lambda b: {"BOOL": b}, st.booleans()),
+    st.just({"NULL": True}),
+    st.builds(lambda s: {"SS": sorted(s)}, st.sets(st.text(min_size=1, max_size=8), min_size=1, max_size=4)),
+    st.builds(lambda ns: {"NS": sorted(set(ns))}, st.lists(st.integers(-1000, 1000).map(str), min_size=1, max_size=4)),
+)
+FAST_VALUES = st.recursive(
+    FAST_SCALARS,
+    lambda inner: st.one_of(
+        st.builds(lambda m: {"M": m}, st.dictionaries(NAMES, inner, max_size=4)),
+        st.builds(lambda values: {"L": values}, st.lists(inner, max_size=4)),
+    ),
+    max_leaves=12,
+)
+FAST_ITEMS = st.dictionaries(st.sampled_from(["a", "b", "c", "when", "n"]), FAST_VALUES, min_size=1, max_size=5)
+
+
+@settings(max_examples=150, deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(FAST_ITEMS, min_size=1, max_size=12), st.lists(FAST_ITEMS, min_size=1, max_size=12))
+def test_common_items_decode_as_by_value(first, second):
+    decoder = ItemDecoder()
+    for batch in (first, second):
+        texts = [item_text(item) for item in batch]
+        assert_same_columns(decoder.columns(texts), by_value(texts))
+
+
+def test_common_shapes_take_the_fast_path(monkeypatch):
+    """The batch-at-a-time path really runs for common items (no value-by-value fallback)."""
+    def refuse(value):
+        raise AssertionError(f"decoded value by value: {value!r}")
+    monkeypatch.setattr(items_module, "_plain", refuse)
+    texts = [encode_item({"s": f"w{i}", "n": i, "f": i + 0.25, "b": i % 2 == 0, "m": {"city": "Oslo", "at": [i, "x"]},
+                          "when": "2024-01-01T10:00:00Z", "none": None, "mixed": i if i % 3 else "text"}) for i in range(50)]
+    columns = ItemDecoder().columns(texts)
+    assert_same_columns(columns, by_value(texts))
+    assert pa.types.is_union(columns["mixed"].type) and columns["when"].type == pa.string()
+
+
+def test_timestamp_like_strings_stay_text_and_are_remembered():
+    decoder = ItemDecoder()
+    first = [encode_item({"at": "2024-01-01 10:00:00"}), encode_item({"at": "2024-01-01T10:00:00Z"})]
+    assert decoder.columns(first)["at"].to_pylist() == ["2024-01-01 10:00:00", "2024-01-01T10:00:00Z"]
+    later = [encode_item({"at": "2024-02-01"}), encode_item({"other": 1})]
+    assert decoder.columns(later)["at"].to_pylist() == ["2024-02-01", None]
+    assert "at" not in decoder.columns([encode_item({"other": 2})]), "a declared path no item of the batch has"
