@@ -70,6 +70,9 @@ DEFAULT_POLL_S = 0.2
 # before it may reach the stream (and its retried duplicates later) after the scan has started.
 KINESIS_REPLAY_MARGIN_S = 60.0
 MAX_BACKOFF_S = 30.0
+# Stream rounds read ahead of the apply, and the most changes one refresh takes from them.
+READ_AHEAD_ROUNDS = 8
+MAX_CHANGES_PER_REFRESH = 20_000
 
 
 @dataclass(frozen=True)
@@ -347,20 +350,29 @@ class SourcePipeline:
         Raises StreamTrimmed when changes were lost, StreamEnded when the stream was disabled.
         Kinesis may deliver an item's changes duplicated or out of order: there, newer wins.
 
-        The next round is read while this one is applied, so a busy stream costs the slower of
-        reading and applying, not their sum; rounds are still applied one after the other, in
-        order, each with its own position (a deep copy the next read does not touch)."""
+        Rounds are read ahead while earlier ones are applied (up to READ_AHEAD_ROUNDS), so a
+        busy stream costs the slower of reading and applying, not their sum; and the rounds
+        waiting when an apply ends are applied together, as one refresh with the last one's
+        position (each round's position covers every change before it), so an apply that
+        falls behind catches up in bigger, cheaper refreshes instead of one per round. A
+        read's error is raised once the rounds read before it are applied."""
         self.status.state = "PROCESSING_STREAM"
-        next_round = asyncio.ensure_future(reader.read())
+        rounds: asyncio.Queue[ReadResult | Exception] = asyncio.Queue(READ_AHEAD_ROUNDS)
+        reading = asyncio.ensure_future(_read_ahead(reader, rounds))
         try:
             while True:
-                result = await next_round
-                next_round = asyncio.ensure_future(reader.read())
-                checkpoint = await self._apply_round(reader, result, checkpoint)
+                waiting = [await rounds.get()]
+                while not rounds.empty() and sum(len(r.changes) for r in waiting) < MAX_CHANGES_PER_REFRESH:
+                    waiting.append(rounds.get_nowait())
+                results = [r for r in waiting if isinstance(r, ReadResult)]
+                if results:
+                    merged = ReadResult([c for r in results for c in r.changes], results[-1].position,
+                                        results[-1].caught_up, results[-1].lag_ms)
+                    checkpoint = await self._apply_round(reader, merged, checkpoint)
+                if len(results) < len(waiting):
+                    raise waiting[-1]  # the reader stops at its first error
         finally:
-            next_round.cancel()
-            if next_round.done() and not next_round.cancelled():
-                next_round.exception()  # an error of a round never applied: the one raised above matters
+            reading.cancel()
 
     async def _apply_round(self, reader: StreamReader | KinesisReader, result: ReadResult, checkpoint: dict) -> dict:
         """Apply one round's changes with the position that covers them; returns the checkpoint."""
@@ -420,6 +432,17 @@ def _written_before_scan(snapshot: Snapshot, scan_start: datetime) -> list[str]:
 
 # DynamoDB Streams rounds ApproximateCreationDateTime down to the second; clocks differ a little.
 REPLAY_SKIP_MARGIN_S = 60.0
+
+
+async def _read_ahead(reader: StreamReader | KinesisReader, rounds: asyncio.Queue) -> None:
+    """Read rounds into `rounds` until the first error, which goes in last."""
+    while True:
+        try:
+            result = await reader.read()
+        except Exception as error:
+            await rounds.put(error)
+            return
+        await rounds.put(result)
 
 
 def _after_bulk_load_began(changes: list[Change], checkpoint: dict) -> list[Change]:

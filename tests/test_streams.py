@@ -451,6 +451,53 @@ async def test_a_bulk_load_interrupted_before_its_clean_up_still_removes_what_it
         await collection.close()
 
 
+async def test_rounds_read_during_a_slow_apply_are_applied_together(moto_server: str, ddb: Dynamo, table_name: str,
+                                                                     tmp_path: Path):
+    """While one refresh is slow, the rounds read meanwhile wait, and the next refresh takes
+    them all, with the position of the last: the checkpoint covers every change applied."""
+    ddb.create_table(table_name)
+    collection = Collection.open(tmp_path / "index")
+    pipeline = SourcePipeline(collection, SourceConfig(table_name, "us-east-1", 1000, True, 0.05),
+                              AwsAccess(endpoint_url=moto_server))
+    task = asyncio.create_task(pipeline.run())
+    applied: list[list[str]] = []
+    held = asyncio.Event()
+    release = asyncio.Event()
+    apply = collection.apply
+
+    async def slow_apply(changes, checkpoint):
+        if changes:
+            applied.append([c.id for c in changes])
+            held.set()
+            await release.wait()  # a slow disk
+        await apply(changes, checkpoint)
+
+    def burst(name: str) -> list[str]:
+        for i in range(5):
+            ddb.client.put_item(TableName=table_name, Item=item(f"{name}{i}", i))
+        return [f"{name}{i}" for i in range(5)]
+
+    try:
+        await wait_until(lambda: pipeline.status.caught_up, 15, 0.05, "the empty table's bulk load")
+        collection.apply = slow_apply
+        first = burst("a")
+        await asyncio.wait_for(held.wait(), 10)
+        second = burst("b")
+        await asyncio.sleep(0.6)  # read in a round of its own (polled every 0.05 s)
+        third = burst("c")
+        await asyncio.sleep(0.6)
+        release.set()
+        await wait_until(lambda: collection.snapshot().doc_count == 15, 15, 0.05, "every change applied")
+        assert applied[0] == first and sorted(applied[1]) == sorted(second + third), applied
+        sequence_numbers = [m["sequence_number"] for b in collection.snapshot().batches() for m in b["_meta"].to_pylist()]
+        shard, = collection.checkpoint["stream"]["shards"].values()
+        assert shard["seq"] == max(sequence_numbers, key=int), (shard, sequence_numbers)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await collection.close()
+
+
 @pytest.fixture
 def mirrored(moto_server: str):
     with StreamsDouble(moto_server) as running:
