@@ -368,12 +368,12 @@ class Collection:
         generation = self._generation + 1
         previous = {id(view) for view in self._snapshot.views}
         entries = []
-        files: dict[Path, bytes] = {}
+        files: dict[Path, bytes | pa.RecordBatch] = {}
         for view in snapshot.views:
             seg_id = view.segment.seg_id
             if id(view) not in previous:
                 if not (self.directory / Segment.file_name(seg_id)).exists():
-                    files[self.directory / Segment.file_name(seg_id)] = view.segment.to_file_bytes()
+                    files[self.directory / Segment.file_name(seg_id)] = view.segment.batch
                 if view.deleted is not None:
                     self._deletes_file[seg_id] = f"seg-{seg_id:08d}.del.{generation}"
                     files[self.directory / self._deletes_file[seg_id]] = view.deleted_bytes()

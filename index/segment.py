@@ -58,17 +58,22 @@ _WRITES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shoal-write")
 _FSYNCS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shoal-fsync")
 
 
-def write_durably(files: dict[Path, bytes]) -> Future[None]:
-    """Start writing new files; the future is done once every one of them is on disk."""
+def write_durably(files: dict[Path, bytes | pa.RecordBatch]) -> Future[None]:
+    """Start writing new files (a batch as an Arrow IPC file, streamed: a merged segment is
+    never copied whole into bytes); the future is done once every one of them is on disk."""
     return _WRITES.submit(_write_all, files)
 
 
-def _write_all(files: dict[Path, bytes]) -> None:
+def _write_all(files: dict[Path, bytes | pa.RecordBatch]) -> None:
     handles = []
     try:
         for path, data in files.items():
             handles.append(open(path, "wb"))
-            handles[-1].write(data)
+            if isinstance(data, pa.RecordBatch):
+                with pa.ipc.new_file(handles[-1], data.schema) as writer:
+                    writer.write_batch(data)
+            else:
+                handles[-1].write(data)
             handles[-1].flush()
         for _ in _FSYNCS.map(lambda f: os.fsync(f.fileno()), handles):
             pass
@@ -96,13 +101,6 @@ class Segment:
     @staticmethod
     def file_name(seg_id: int) -> str:
         return f"seg-{seg_id:08d}.arrow"
-
-    def to_file_bytes(self) -> bytes:
-        """The segment as an Arrow IPC file (what `read` maps back)."""
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, self.batch.schema) as writer:
-            writer.write_batch(self.batch)
-        return sink.getvalue().to_pybytes()
 
     @classmethod
     def read(cls, directory: Path, seg_id: int) -> "Segment":

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pyarrow as pa
 import pytest
 from aiohttp import web
 
@@ -236,10 +237,10 @@ async def test_disk_full_during_a_segment_write(tmp_path: Path, monkeypatch):
     real_write_all = segment_module._write_all
     failures = []
 
-    def full_disk(paths: dict[Path, bytes]) -> None:
+    def full_disk(paths: dict[Path, bytes | pa.RecordBatch]) -> None:
         if not failures:
-            path, data = next(iter(paths.items()))
-            path.write_bytes(data[: len(data) // 2])
+            path = next(iter(paths))
+            path.write_bytes(b"ARROW1\0\0" + b"\0" * 100)  # the start of a file, then no space
             failures.append(path.name)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_write_all(paths)
