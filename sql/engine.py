@@ -2,7 +2,9 @@
 
 Each query gets its own SessionContext (a fraction of a millisecond) holding exactly the
 snapshots it reads, registered zero-copy as `workspace.collection`, and the documents
-matching each `SEARCH(...)`, found by the snapshot's text index, as `_search.sN`. DataFusion's SQLOptions
+matching each `SEARCH(...)`, found by the snapshot's text index, as `_search.sN`. A
+snapshot's documents become a DataFusion table once, which every query over that snapshot
+shares (`_SnapshotCache`, dropped with the snapshot). DataFusion's SQLOptions
 refuse DDL, DML and SET a second time, behind the planner's check. Column names are case
 sensitive, as DynamoDB attribute names are.
 
@@ -11,19 +13,23 @@ query carries its own `Liveness` check, a volatile Python function that raises o
 query is past its deadline or cancelled: every collection is registered behind a view
 that calls it on each batch of at most `BATCH_ROWS` rows, and the planner adds it above
 every join and table function (`PreparedQuery.checks`), where a cross join's work happens.
+The view costs ~1 ms per million rows scanned (a call returns a slice of one shared array);
+batches of 8,192 rows made it ~5 times that, batches of 262,144 were no cheaper.
 A query gets its own memory pool (`memory_bytes`, no spilling to disk): hash tables,
 sorts and aggregates beyond it fail with `ResourcesExceeded`, the server lives on. The
 answer is capped at `row_limit` rows and `max_result_bytes`. Each query runs on one
 partition, so all of its work happens in the calling thread (DataFusion's shared tokio
 workers would otherwise let a runaway query starve every other query and the ingest's
 field mappings), and a bounded pool of such threads (server/queries.py) is the
-concurrency limit.
+concurrency limit. Two partitions were no faster on the 2-core bench machine (group-by at
+1M documents within 2%, top-k and join slower).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,9 +37,11 @@ import datafusion
 import pyarrow as pa
 import pyarrow.compute as pc
 from datafusion import RuntimeEnvBuilder, SessionConfig, SessionContext, SQLOptions, udf
+from datafusion.catalog import Table
 
 from shoal.index.collection import SCORE_COLUMN, Snapshot
 from shoal.index.doctypes import type_name
+from shoal.index.textindex import TextPredicate
 
 from .planner import ALIVE_FUNCTION, DEFAULT_WORKSPACE, SEARCH_SCHEMA, DirectSearch, PreparedQuery, QueryError, Search
 
@@ -81,7 +89,16 @@ class Liveness:
     def checked(self, *columns: pa.Array) -> pa.Array:
         """The body of the SQL liveness functions: every row passes, until time is up."""
         self.check()
-        return pc.fill_null(pa.nulls(len(columns[0]), pa.bool_()), True)
+        rows = len(columns[0])
+        # A slice of one shared array: building a new one cost more than the rest of the call.
+        return _ALL_TRUE.slice(0, rows) if rows <= len(_ALL_TRUE) else _all_true(rows)
+
+
+def _all_true(rows: int) -> pa.Array:
+    return pc.fill_null(pa.nulls(rows, pa.bool_()), True)
+
+
+_ALL_TRUE = _all_true(BATCH_ROWS)
 
 
 @dataclass(frozen=True)
@@ -131,13 +148,67 @@ def _session(memory_bytes: int) -> SessionContext:
     return context
 
 
-def _register_checked(context: SessionContext, name: str, batches: list[pa.RecordBatch], raw: str) -> None:
-    """Register `batches` as table `name`, read through the liveness check every BATCH_ROWS
-    (`raw` holds them, under a name no query can say)."""
-    raw = f"{_RAW_SCHEMA}.{raw}"
+def _register_checked(context: SessionContext, name: str, table: Table) -> None:
+    """Register `table` as `name`, read through the liveness check (the table itself goes
+    under a name no query can say)."""
+    raw = context.catalog().schema(_RAW_SCHEMA)
+    raw_name = f"t{len(raw.names())}"
+    raw.register_table(raw_name, table)
+    context.register_view(name, context.sql(f"SELECT * FROM {_RAW_SCHEMA}.{raw_name} WHERE {ALIVE_FUNCTION}(TRUE)"))
+
+
+_TABLE_MAKER = SessionContext()  # only converts batches into tables; never runs a query
+_TABLE_MAKER_LOCK = threading.Lock()
+
+
+def _memory_table(batches: list[pa.RecordBatch]) -> Table:
+    """`batches` as a DataFusion table of batches of at most BATCH_ROWS rows (a scan hands
+    on one batch between two liveness checks)."""
     sliced = [b.slice(start, BATCH_ROWS) for b in batches for start in range(0, max(b.num_rows, 1), BATCH_ROWS)]
-    context.register_record_batches(raw, [sliced])
-    context.register_view(name, context.sql(f"SELECT * FROM {raw} WHERE {ALIVE_FUNCTION}(TRUE)"))
+    with _TABLE_MAKER_LOCK:
+        _TABLE_MAKER.register_record_batches("t", [sliced])
+        table = _TABLE_MAKER.catalog().schema().table("t")
+        _TABLE_MAKER.deregister_table("t")
+    return table
+
+
+class _SnapshotCache:
+    """What every query over one snapshot would otherwise compute again: its documents as a
+    DataFusion table (converting the batches costs ~0.6 ms at 1M documents) and the candidate
+    counts of index filters (counting 250k matches takes tantivy 2.3 ms).
+    Kept while the snapshot lives (`_cache_of`)."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = weakref.ref(snapshot)
+        self._table: Table | None = None
+        self._counts: dict[tuple[TextPredicate, ...], int] = {}
+
+    def table(self) -> Table:
+        if self._table is None:
+            self._table = _memory_table(self._snapshot().batches())
+        return self._table
+
+    def count(self, predicates: tuple[TextPredicate, ...]) -> int:
+        count = self._counts.get(predicates)
+        if count is None:
+            count = self._snapshot().searcher.count(predicates)
+            if len(self._counts) < _MAX_COUNTS_PER_SNAPSHOT:
+                self._counts[predicates] = count
+        return count
+
+
+_MAX_COUNTS_PER_SNAPSHOT = 256
+_caches: dict[int, _SnapshotCache] = {}  # by id(snapshot), each removed when its snapshot is freed
+_caches_lock = threading.Lock()
+
+
+def _cache_of(snapshot: Snapshot) -> _SnapshotCache:
+    with _caches_lock:
+        cache = _caches.get(id(snapshot))
+        if cache is None:
+            cache = _caches[id(snapshot)] = _SnapshotCache(snapshot)
+            weakref.finalize(snapshot, _caches.pop, id(snapshot), None)
+    return cache
 
 
 def execute(
@@ -169,12 +240,11 @@ def execute(
             continue  # read only through its searches
         if workspace not in catalog.schema_names():
             catalog.register_schema(workspace, datafusion.catalog.Schema.memory_schema())
-        _register_checked(context, f"{workspace}.{name}", snapshot.batches(), f"c{len(snapshots)}")
+        _register_checked(context, f"{workspace}.{name}", _cache_of(snapshot).table())
     if prepared.searches:
         catalog.register_schema(SEARCH_SCHEMA, datafusion.catalog.Schema.memory_schema())
     for search in prepared.searches:
-        matches = _matches(snapshots[search.collection], search)
-        _register_checked(context, f"{SEARCH_SCHEMA}.{search.table}", matches, f"s_{search.table}")
+        _register_checked(context, f"{SEARCH_SCHEMA}.{search.table}", _matches(snapshots[search.collection], search))
     try:
         frame = context.sql_with_options(prepared.sql, _READ_ONLY).limit(row_limit)
         batches = []
@@ -202,31 +272,36 @@ def execute(
     return QueryResult(table, (time.perf_counter() - started) * 1000)
 
 
-# What an index filter costs against the scan it saves, measured on one shared 2-core
-# machine: collecting candidates pays a fixed part (a search, a take and conform per segment,
-# a second table for DataFusion) and ~8 µs per candidate (scored, found, taken); DataFusion
-# compares ~7 ns per document. At 1M documents 100 candidates still lost to a scan through
-# the API (11.6 vs ~5 ms); at 2M, 200 candidates won (15.7 vs 27.8 ms in process).
-INDEX_FIXED_COST_S = 6e-3
-INDEX_COST_PER_CANDIDATE_S = 8e-6
-SCAN_COST_PER_DOCUMENT_S = 7e-9
+# What an index filter costs against the scan it saves, measured in process on one shared
+# 2-core machine at 1M and 2M documents: collecting candidates pays a fixed ~3 ms (a search,
+# a second table for DataFusion), ~0.12 ms per segment holding candidates (a take and
+# conform) and ~2 µs per candidate; DataFusion scans 3 to 12 ns per document, by the
+# predicate, taken as 4. E.g. whole queries at 1M documents (11 segments): 25 candidates
+# 5.7 ms against 4.6 ms scanning, 1 candidate 4.5 against 6.0; at 2M (4 segments) 201
+# candidates 6.2 against 7.7.
+INDEX_FIXED_COST_S = 3e-3
+INDEX_COST_PER_SEGMENT_S = 1.2e-4
+INDEX_COST_PER_CANDIDATE_S = 2e-6
+SCAN_COST_PER_DOCUMENT_S = 4e-9
 
 
-def _index_is_cheaper(candidates: int, documents: int) -> bool:
-    return INDEX_FIXED_COST_S + candidates * INDEX_COST_PER_CANDIDATE_S < documents * SCAN_COST_PER_DOCUMENT_S
+def _index_is_cheaper(candidates: int, documents: int, segments: int) -> bool:
+    index = INDEX_FIXED_COST_S + min(candidates, segments) * INDEX_COST_PER_SEGMENT_S
+    return index + candidates * INDEX_COST_PER_CANDIDATE_S < documents * SCAN_COST_PER_DOCUMENT_S
 
 
-def _matches(snapshot: Snapshot, search: Search) -> list[pa.RecordBatch]:
+def _matches(snapshot: Snapshot, search: Search) -> Table:
     """The documents a search gives the SQL: its matches, or for an index filter whose
     candidates cost more to collect than scanning, every document (the SQL applies the same
     conditions to each)."""
     if not search.optional:
-        return snapshot.search(search.predicates, search.limit)
+        return _memory_table(snapshot.search(search.predicates, search.limit))
     assert snapshot.searcher is not None, "a published snapshot always has its searcher"
-    candidates = snapshot.searcher.count(search.predicates)
-    if not _index_is_cheaper(candidates, snapshot.doc_count):
-        return snapshot.batches()
-    return snapshot.search(search.predicates, max(1, candidates))  # all of them, in a heap no larger
+    cache = _cache_of(snapshot)
+    candidates = cache.count(search.predicates)
+    if not _index_is_cheaper(candidates, snapshot.doc_count, len(snapshot.views)):
+        return cache.table()
+    return _memory_table(snapshot.search(search.predicates, max(1, candidates)))  # all of them, in a heap no larger
 
 
 def _answer_directly(

@@ -10,13 +10,18 @@ with small limits (`LimitedShoal`) so the tests stay short.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import time
 import uuid
+import weakref
 
 import pytest
 
+from shoal.index.collection import Change, Collection
+from shoal.sql import engine
+from shoal.sql.planner import prepare
 from support import Dynamo, Response, ShoalProcess, assert_error, run_in_thread, wait_until
 
 QUERIES = "/v1/orgs/self/queries"
@@ -146,6 +151,30 @@ async def test_a_query_over_its_memory_gets_400_and_the_server_lives(server: Lim
     assert_error_type(r, 400, "RESOURCES_EXCEEDED")
     assert "32 MiB" in r.body["message"], r
     assert await server.query("SELECT COUNT(*) AS n FROM commons.big WHERE n >= 0") == [{"n": DOCS}]
+
+
+async def test_a_replaced_snapshot_and_its_cached_table_are_freed(tmp_path):
+    """Queries over one snapshot share its DataFusion table (sql/engine.py `_SnapshotCache`);
+    once the collection has moved on and no query reads the old snapshot, both go, so a
+    collection that changes every second does not keep its past versions in memory."""
+    collection = Collection.open(tmp_path)
+    meta = {"table": "t", "event": "INSERT", "sequence_number": None}
+
+    def count() -> list[dict]:
+        snapshot = collection.snapshot()
+        prepared = prepare("SELECT COUNT(*) AS n FROM commons.c", [], lambda ws, name: snapshot.query_schema)
+        return engine.execute(prepared, lambda ws, name: snapshot, 10, 10).table.to_pylist()
+
+    await collection.apply([Change.of("a", {"n": 1}, 0, meta)], None)
+    assert count() == [{"n": 1}]
+    replaced = weakref.ref(collection.snapshot())
+    cached = len(engine._caches)
+    await collection.apply([Change.of("b", {"n": 2}, 0, meta)], None)
+    assert count() == [{"n": 2}]
+    gc.collect()
+    assert replaced() is None, "the replaced snapshot is still referenced"
+    assert len(engine._caches) <= cached, "the replaced snapshot's cache entry is still there"
+    await collection.close()
 
 
 async def test_sigterm_lets_queries_finish_then_exits(shoal: ShoalProcess, ddb: Dynamo, table_name: str):
