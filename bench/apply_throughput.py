@@ -18,6 +18,8 @@ Figures (changes/s, median of `--runs` runs):
   tantivy commit; reported alone and end to end (decode + apply) with the ratio to decode;
 - scan: the bulk load's shape (plain items, `Change(..., event="SCAN")`, pages of 1,000
   applied 4 at a time) through the same decode and apply.
+- text index alone: the same changes' item texts into a fresh tantivy index, 10,000 per
+  commit (what any apply into Arrow + tantivy pays for tantivy: the ceiling it sets).
 Goal (issue #4): end to end ≥ 50,000 changes/s. `--json PATH` also writes the rows to PATH.
 """
 
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shoal.index.collection import Change, Collection
+from shoal.index.textindex import TextIndex
 from shoal.ingest.decode import document_id, item_text
 from shoal.ingest.streams import change_from_record
 
@@ -120,6 +123,19 @@ def decode_scan(items: list[dict[str, Any]]) -> list[Change]:
     return [Change(document_id(item, KEY_NAMES), item_text(item), now_us, meta) for item in items]
 
 
+def text_index_only(directory: Path, changes: list[Change], batch: int) -> None:
+    """The tantivy index's share alone: the upserts' item texts into a fresh index, one
+    commit per batch, as a refresh stages and commits them (no Arrow, no manifest)."""
+    index = TextIndex(directory)
+    try:
+        for start in range(0, len(changes), batch):
+            upserts = [c for c in changes[start : start + batch] if c.item is not None]
+            index.update((), ((c.id, start + i, c.item) for i, c in enumerate(upserts)))
+            index.commit(start // batch + 1)
+    finally:
+        index.close()
+
+
 def timed(function: Callable[[], Any]) -> tuple[float, float]:
     """Wall and CPU seconds of `function()`."""
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -178,6 +194,10 @@ def main() -> None:
     decode_row("stream: decode only", records, decode_stream)
     work = Path(tempfile.mkdtemp(prefix="shoal-apply-"))
     try:
+        decoded = decode_stream(records)
+        wall, cpu = zip(*(timed(lambda: text_index_only(work / f"text-{run}", decoded, 10_000)) for run in range(args.runs)))
+        rows.append(("stream: text index alone (tantivy), batches of 10,000", len(records), statistics.median(wall), None,
+                     statistics.median(wall), statistics.median(cpu)))
         shapes = [("stream", records, decode_stream, 1_000), ("stream", records, decode_stream, 10_000)]
         if not args.no_scan:
             decode_row("scan: decode only", items, decode_scan)
