@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
+import tracemalloc
 from decimal import Decimal
 
+import orjson
 import pyarrow as pa
 import pytest
 
 from shoal.index.doctypes import build_array, build_columns, conform, infer_type, merge_types, null_array
-from shoal.ingest.decode import decode_item, decode_number, document_id
+from shoal.ingest.decode import decode_item, decode_number, document_id, item_text
 
 
 @pytest.mark.parametrize(
@@ -62,6 +64,20 @@ def test_all_ten_types_decode():
         "ns": [1, 2.5],
         "bs": [b"\x02"],
     }
+
+
+def test_item_text_is_dynamodb_json_held_at_its_own_size():
+    item = {"pk": {"S": "a"}, "n": {"N": "1.5"}, "b": {"B": b"\x00\xff"}, "m": {"M": {"x": {"BOOL": True}}}}
+    text = item_text(item)
+    assert orjson.loads(text) == {**item, "b": {"B": base64.b64encode(b"\x00\xff").decode()}}
+    # A change waits in queues with its text: no 4 KiB buffer behind a 100-byte item.
+    tracemalloc.start()
+    try:
+        texts = [item_text(item) for _ in range(1000)]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < len(texts) * (len(text) + 200), held
 
 
 def test_document_id_is_stable_and_unambiguous():
