@@ -15,10 +15,21 @@ from aiobotocore.config import AioConfig
 from aiobotocore.credentials import AioCredentialResolver, AioRefreshableCredentials
 from aiobotocore.session import AioSession, get_session
 from botocore.credentials import CredentialProvider
+from botocore.loaders import create_loader
 
 # Ingest loops retry with their own backoff and report failures in the collection status,
 # so botocore gives up quickly instead of hiding a fault behind long retries.
 _CONFIG = AioConfig(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+# botocore's service models and endpoint rules, read from disk once per process: a new
+# session reads them again (~70 ms of JSON parsing on the event loop, at every retry of a
+# failing source). Sessions stay per client: an assumed role's credentials belong to one.
+_MODELS = create_loader()
+
+
+def _session() -> AioSession:
+    session = get_session()
+    session.register_component("data_loader", _MODELS)
+    return session
 
 
 @dataclass(frozen=True)
@@ -37,7 +48,7 @@ class AwsAccess:
         """An aiobotocore client for `service`; with a role, through STS AssumeRole.
 
         `config` overrides the defaults above (the scan brings its own retry policy)."""
-        session = get_session()
+        session = _session()
         keys = {}
         if self.access_key_id and self.secret_access_key:
             keys = {"aws_access_key_id": self.access_key_id, "aws_secret_access_key": self.secret_access_key}
@@ -59,7 +70,7 @@ class AwsAccess:
             arguments["ExternalId"] = self.external_id
 
         async def assume_role() -> dict:
-            async with get_session().create_client(
+            async with _session().create_client(
                 "sts", region_name=region, endpoint_url=self.endpoint_url, config=_CONFIG, **keys
             ) as sts:
                 credentials = (await sts.assume_role(**arguments))["Credentials"]
