@@ -80,8 +80,7 @@ class TextSearcher:
     def search(self, predicates: Iterable[TextPredicate], limit: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Row ids and BM25 scores of the documents matching every predicate, best first;
         all of them, or the best `limit`."""
-        clauses = [(tantivy.Occur.Must, self._query(p)) for p in predicates]
-        query = tantivy.Query.boolean_query(clauses)
+        query = _all([self._query(p) for p in predicates])
         wanted = limit if limit is not None else max(1, self._searcher.num_docs)
         hits = self._searcher.search(query, wanted, count=False).hits
         rowids = self._searcher.fast_field_values("_rowid", [address for _, address in hits])
@@ -89,7 +88,7 @@ class TextSearcher:
 
     def count(self, predicates: Iterable[TextPredicate]) -> int:
         """How many documents match every predicate (cheap: no scoring, no row ids)."""
-        query = tantivy.Query.boolean_query([(tantivy.Occur.Must, self._query(p)) for p in predicates])
+        query = _all([self._query(p) for p in predicates])
         return self._searcher.search(query, 1, count=True).count
 
     def _query(self, predicate: TextPredicate) -> tantivy.Query:
@@ -163,6 +162,8 @@ def _any(queries: list[tantivy.Query]) -> tantivy.Query:
 
 
 def _all(queries: list[tantivy.Query]) -> tantivy.Query:
+    # Not a boolean query of one clause: tantivy then loses its top-k pruning of a lone term
+    # (a common word's top 10 at 1M documents: 2.5 ms alone, 4.4 ms wrapped).
     return queries[0] if len(queries) == 1 else tantivy.Query.boolean_query([(tantivy.Occur.Must, q) for q in queries])
 
 
