@@ -96,13 +96,8 @@ class ItemDecoder:
         columns = {}
         for name, chunked in zip(table.column_names, table.columns):
             tagged = chunked.combine_chunks()
-            if tagged.null_count == len(tagged):
-                continue  # declared, but in no item of this batch
-            try:
-                columns[name] = _column(tagged)
-            except _NotCovered:
-                values = [_plain(value) for value in tagged.to_pylist()]
-                columns[name] = build_array(values, infer_type(values))
+            if tagged.null_count != len(tagged):  # else declared, but in no item of this batch
+                columns[name] = _converted(tagged)
         return columns
 
     def _read(self, items: Sequence[bytes]) -> pa.Table:
@@ -124,6 +119,15 @@ class ItemDecoder:
 
 
 # ----------------------------------------------------------------------------- the fast path
+
+
+def _converted(tagged: pa.Array) -> pa.Array:
+    """`_column`, or value by value where the fast path does not reach."""
+    try:
+        return _column(tagged)
+    except _NotCovered:
+        values = [_plain(value) for value in tagged.to_pylist()]
+        return build_array(values, infer_type(values))
 
 
 def _column(tagged: pa.Array) -> pa.Array:
@@ -192,11 +196,7 @@ def _struct(maps: pa.StructArray) -> pa.Array:
     for field, child in zip(maps.type, maps.flatten()):
         if child.null_count == len(child):
             continue
-        try:
-            converted = _column(child)
-        except _NotCovered:
-            values = [_plain(value) for value in child.to_pylist()]
-            converted = build_array(values, infer_type(values))
+        converted = _converted(child)
         fields.append(pa.field(field.name, converted.type))
         children.append(converted)
     if not fields:
