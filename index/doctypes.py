@@ -78,7 +78,7 @@ def type_name(arrow_type: pa.DataType) -> str:
     raise TypeError(f"not a document type: {arrow_type}")
 
 
-def _members(arrow_type: pa.DataType) -> dict[str, pa.DataType]:
+def type_members(arrow_type: pa.DataType) -> dict[str, pa.DataType]:
     """Type name → Arrow type of each type a column can hold."""
     if pa.types.is_union(arrow_type):
         return {field.name: field.type for field in arrow_type}
@@ -141,8 +141,8 @@ def merge_types(a: pa.DataType, b: pa.DataType) -> pa.DataType:
     """The narrowest type holding every value of `a` and of `b`."""
     if a == b:
         return a
-    members = _members(a)
-    for name, other in _members(b).items():
+    members = type_members(a)
+    for name, other in type_members(b).items():
         mine = members.get(name)
         if mine is None or mine == other:
             members[name] = other

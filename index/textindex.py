@@ -34,7 +34,7 @@ import orjson
 import pyarrow as pa
 import tantivy
 
-from .doctypes import type_name
+from .doctypes import type_members
 
 _MARKER_ID = "\x00shoal-generation"
 _DOC = "doc"
@@ -120,14 +120,12 @@ _NUMBER_TAGS = {"int": ("N", "NS"), "float": ("N", "NS")}
 def _tag_paths(arrow_type: pa.DataType, names: Sequence[str], tags: Mapping[str, tuple[str, str]]) -> list[str]:
     """The DynamoDB JSON paths, below a value of `arrow_type`, of the field `names` inside
     it, ending at the tags of the types in `tags`: every shape the items' values can have."""
-    members = {f.name: f.type for f in arrow_type} if pa.types.is_union(arrow_type) else {_member_name(arrow_type): arrow_type}
     paths: list[str] = []
-    for member, member_type in members.items():
+    for member, member_type in type_members(arrow_type).items():
         if member == "array":
             element = member_type.value_type
-            element_members = {f.name for f in element} if pa.types.is_union(element) else {_member_name(element)}
             if not names:
-                paths += [tags[m][1] for m in element_members if m in tags]
+                paths += [tags[m][1] for m in type_members(element) if m in tags]
             paths += ["L." + path for path in _tag_paths(element, names, tags)]
         elif member == "object" and names and member_type.get_field_index(names[0]) >= 0:
             inner = member_type.field(names[0]).type
@@ -135,12 +133,6 @@ def _tag_paths(arrow_type: pa.DataType, names: Sequence[str], tags: Mapping[str,
         elif not names and member in tags:
             paths.append(tags[member][0])
     return list(dict.fromkeys(paths))
-
-
-def _member_name(arrow_type: pa.DataType) -> str:
-    """The document type of a non-union column type (`doctypes.type_name`, and "decimal"
-    for nothing: a decimal is always inside a union)."""
-    return "null" if pa.types.is_null(arrow_type) else type_name(arrow_type)
 
 
 def _escaped(name: str) -> str:

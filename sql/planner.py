@@ -28,7 +28,7 @@ from sqlglot.errors import ParseError
 from sqlglot.tokens import TokenType
 
 from shoal.index.collection import SCORE_COLUMN
-from shoal.index.doctypes import type_name
+from shoal.index.doctypes import type_members, type_name
 from shoal.index.segment import SYSTEM_NAMES
 from shoal.index.textindex import WORDS, TextPredicate
 
@@ -498,7 +498,7 @@ def _plan_index_filter(
     searches.append(Search(name, collection, tuple(predicates), None, optional=True))
 
 
-_INDEXED_NUMBER_MEMBERS = {"int", "float", "null"}
+_INDEXED_NUMBER_MEMBERS = {"int", "float"}
 _EXACT_FLOAT_INTEGERS = 2**53
 
 
@@ -514,7 +514,7 @@ def _equality_predicate(condition: exp.Expression, schema: pa.Schema, qualifiers
         arrow_type = _walk(schema, path)
         if arrow_type is None or path[0] in SYSTEM_NAMES:
             continue
-        members = set(_member_names(arrow_type))
+        members = set(type_members(arrow_type))
         if literal.is_string:
             words = WORDS.analyze(literal.name)
             # Every word kept (none too long, none split differently), or the index could miss it.
@@ -525,15 +525,6 @@ def _equality_predicate(condition: exp.Expression, schema: pa.Schema, qualifiers
             if abs(value) < _EXACT_FLOAT_INTEGERS:
                 return TextPredicate(tuple(path), literal.name, kind="equals", value=value)
     return None
-
-
-def _member_names(arrow_type: pa.DataType) -> list[str]:
-    if pa.types.is_union(arrow_type):
-        return [f.name for f in arrow_type]
-    try:
-        return [type_name(arrow_type)]
-    except TypeError:
-        return []
 
 
 def _plain_words(text: str) -> list[str]:
