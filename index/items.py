@@ -102,17 +102,20 @@ class ItemDecoder:
 
     def _read(self, items: Sequence[bytes]) -> pa.Table:
         data = b"\n".join(items)
-        # One block: the reader infers each block's types on its own, and a path could look
-        # like a timestamp in one block and not in another.
-        read_options = pa_json.ReadOptions(block_size=len(data) + 1, use_threads=False)
-        parse_options = pa_json.ParseOptions(explicit_schema=self._declared, unexpected_field_behavior="infer")
-        table = pa_json.read_json(io.BytesIO(data), read_options=read_options, parse_options=parse_options)
+
+        def read() -> pa.Table:
+            # One block: the reader infers each block's types on its own, and a path could
+            # look like a timestamp in one block and not in another.
+            return pa_json.read_json(
+                io.BytesIO(data), read_options=pa_json.ReadOptions(block_size=len(data) + 1, use_threads=False),
+                parse_options=pa_json.ParseOptions(explicit_schema=self._declared, unexpected_field_behavior="infer"))
+
+        table = read()
         strings = _as_strings(table.schema)
         if strings is None:
             return table
         self._declared = strings if self._declared is None else _merge_declared(self._declared, strings)
-        parse_options = pa_json.ParseOptions(explicit_schema=self._declared, unexpected_field_behavior="infer")
-        table = pa_json.read_json(io.BytesIO(data), read_options=read_options, parse_options=parse_options)
+        table = read()
         if _as_strings(table.schema) is not None:
             raise pa.ArrowInvalid("the JSON reader keeps inferring non-string values")
         return table

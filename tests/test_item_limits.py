@@ -370,14 +370,21 @@ SCALARS = st.one_of(
     st.builds(lambda ns: {"NS": unique_numbers(ns)}, st.lists(dynamo_numbers(), min_size=1, max_size=5)),
     st.builds(lambda bs: {"BS": sorted(bs)}, st.sets(st.binary(min_size=1, max_size=6), min_size=1, max_size=4)),
 )
-VALUES = st.recursive(
-    SCALARS,
-    lambda inner: st.one_of(
-        st.builds(lambda m: {"M": m}, st.dictionaries(NAMES, inner, max_size=4)),
-        st.builds(lambda values: {"L": values}, st.lists(inner, max_size=4)),
-    ),
-    max_leaves=12,
-)
+
+
+def nested_values(scalars: st.SearchStrategy) -> st.SearchStrategy:
+    """Typed values: `scalars`, and maps and lists of them, nested."""
+    return st.recursive(
+        scalars,
+        lambda inner: st.one_of(
+            st.builds(lambda m: {"M": m}, st.dictionaries(NAMES, inner, max_size=4)),
+            st.builds(lambda values: {"L": values}, st.lists(inner, max_size=4)),
+        ),
+        max_leaves=12,
+    )
+
+
+VALUES = nested_values(SCALARS)
 ITEMS = st.dictionaries(NAMES, VALUES, min_size=1, max_size=6).filter(lambda item: "pk" not in item)
 BATCHES = st.lists(ITEMS, min_size=1, max_size=6)
 

@@ -7,7 +7,7 @@ import orjson
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_item_limits import BATCHES, NAMES
+from test_item_limits import BATCHES, nested_values
 
 from shoal.index import items as items_module
 from shoal.index.doctypes import build_columns
@@ -65,15 +65,7 @@ FAST_SCALARS = st.one_of(
     st.builds(lambda s: {"SS": sorted(s)}, st.sets(st.text(min_size=1, max_size=8), min_size=1, max_size=4)),
     st.builds(lambda ns: {"NS": sorted(set(ns))}, st.lists(st.integers(-1000, 1000).map(str), min_size=1, max_size=4)),
 )
-FAST_VALUES = st.recursive(
-    FAST_SCALARS,
-    lambda inner: st.one_of(
-        st.builds(lambda m: {"M": m}, st.dictionaries(NAMES, inner, max_size=4)),
-        st.builds(lambda values: {"L": values}, st.lists(inner, max_size=4)),
-    ),
-    max_leaves=12,
-)
-FAST_ITEMS = st.dictionaries(st.sampled_from(["a", "b", "c", "when", "n"]), FAST_VALUES, min_size=1, max_size=5)
+FAST_ITEMS = st.dictionaries(st.sampled_from(["a", "b", "c", "when", "n"]), nested_values(FAST_SCALARS), min_size=1, max_size=5)
 
 
 @settings(max_examples=150, deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
