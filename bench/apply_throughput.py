@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shoal.index.collection import Change, Collection
+from shoal.index.memory import use_system_allocator
 from shoal.index.textindex import TextIndex
 from shoal.ingest.decode import document_id, item_text
 from shoal.ingest.streams import change_from_record
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--no-scan", action="store_true", help="skip the scan-shaped figures")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
+    use_system_allocator()  # as `shoal serve` does
     count = args.records or (30_000 if args.quick else 200_000)
     records = synthetic_records(count)
     items = [r["dynamodb"]["NewImage"] for r in records if r["eventName"] == "INSERT"]

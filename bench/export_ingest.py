@@ -40,6 +40,7 @@ from pathlib import Path
 import orjson
 
 from shoal.index.collection import Collection
+from shoal.index.memory import use_system_allocator
 from shoal.ingest.export import CHUNK_BYTES, ExportFile, ExportLoader, FileBatch, export_decoder, to_ranges
 
 ITEMS_PER_FILE = 50_000
@@ -126,7 +127,9 @@ def check_queryable(collection: Collection, count: int) -> None:
 
 
 def child(paths: list[str], directory: str) -> None:
-    """One load in this fresh process; prints JSON with its figures."""
+    """One load in this fresh process, set up as `shoal serve` sets up its own; prints JSON
+    with its figures."""
+    use_system_allocator()
     seconds, count, size, progress = asyncio.run(load([Path(p) for p in paths], Path(directory)))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": seconds, "count": count, "arrow_bytes": size, "peak_rss": peak, "progress": progress}))

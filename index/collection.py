@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from .doctypes import merge_types, null_array
 from .items import ItemDecoder, decode_text, encode_item
+from .memory import release_free_memory
 from .segment import (HIDDEN_NAMES, SYSTEM_FIELDS, SYSTEM_NAMES, Segment, SegmentView, conform_batch, write_durably,
                       write_fsync)
 from .textindex import TextIndex, TextPredicate, TextSearcher
@@ -251,6 +252,7 @@ class Collection:
             self._text.rollback()
             self._load()
             raise
+        release_free_memory()
 
     def _apply_newer(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None,
                      keep_tombstones_s: float) -> None:

@@ -27,10 +27,13 @@ def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from shoal.index.memory import use_system_allocator
+
     from .app import SHUTDOWN_GRACE_S, make_app
     from .auth import ApiKeys
     from .queries import QueryLimits
 
+    use_system_allocator()
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(data_dir, 0o700)
