@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .doctypes import merge_types, null_array
+from .idmap import ABSENT, IdLocations
 from .items import ItemDecoder, decode_text, encode_item
 from .memory import release_free_memory
 from .segment import (HIDDEN_NAMES, SYSTEM_FIELDS, SYSTEM_NAMES, Segment, SegmentView, conform_batch, write_durably,
@@ -126,7 +127,7 @@ class Collection:
         self._lock = asyncio.Lock()
         self._text = TextIndex(directory / "text")
         self._items = ItemDecoder()
-        self._locations: dict[str, int] = {}  # _id → segment id << 32 | row (an int: a tuple costs 56 bytes more)
+        self._locations = IdLocations()  # _id → segment id << 32 | row
         self._deletes_file: dict[int, str] = {}  # segment id → its persisted deletion mask
         self.last_refresh_at: float | None = None
         self._load()
@@ -185,12 +186,9 @@ class Collection:
         schema = SYSTEM_FIELDS
         for view in views:
             schema = _merged_schema(schema, view.segment.batch.schema)
-            ids = view.segment.batch.column("_id").to_pylist()
-            deleted = view.deleted
-            seg_id = view.segment.seg_id
-            for row, doc_id in enumerate(ids):
-                if deleted is None or not deleted[row]:
-                    self._locations[doc_id] = seg_id << 32 | row
+            rows = np.arange(view.segment.rows) if view.deleted is None else np.flatnonzero(~view.deleted)
+            ids = view.segment.batch.column("_id").take(pa.array(rows)).to_pylist()
+            self._locations.set_many(ids, (view.segment.seg_id << 32) | rows)
         if self._text.generation() != self._generation:
             self._rebuild_text_index(views)
         self._snapshot = Snapshot(tuple(views), schema, 1, self._text.searcher(_text_fields(schema)))
@@ -287,9 +285,9 @@ class Collection:
         views = {view.segment.seg_id: view.segment for view in self._snapshot.views}
         versions: dict[str, int] = {}
         unversioned = []
-        for doc_id in ids:
-            location = self._locations.get(doc_id)
-            if location is not None:
+        ids = list(ids)
+        for doc_id, location in zip(ids, self._locations.get_many(ids).tolist()):
+            if location != ABSENT:
                 seg_id, row = location >> 32, location & _ROW_BITS
                 times, versioned = _versions_of(views[seg_id])
                 if versioned[row]:
@@ -306,9 +304,8 @@ class Collection:
             latest[change.id] = change
         dead_rows: dict[int, list[int]] = {}
         replaced: list[str] = []
-        for doc_id in latest:
-            location = self._locations.pop(doc_id, None)
-            if location is not None:
+        for doc_id, location in zip(latest, self._locations.pop_many(list(latest)).tolist()):
+            if location != ABSENT:
                 dead_rows.setdefault(location >> 32, []).append(location & _ROW_BITS)
                 replaced.append(doc_id)
         views = [
@@ -348,7 +345,7 @@ class Collection:
         }
         columns = self._items.columns([c.item for c in upserts])
         batch = pa.RecordBatch.from_pydict({**system, **{_stored_name(name): column for name, column in columns.items()}})
-        self._locations.update(zip(ids, range(seg_id << 32, (seg_id << 32) + len(ids))))
+        self._locations.set_many(ids, np.arange(seg_id << 32, (seg_id << 32) + len(ids)))
         return Segment(seg_id, batch)
 
     def _compact(self, snapshot: Snapshot) -> Snapshot:
@@ -364,7 +361,7 @@ class Collection:
         segment = Segment(self._next_seg_id, merged)
         self._next_seg_id += 1
         ids = merged.column("_id").to_pylist()
-        self._locations.update(zip(ids, range(segment.seg_id << 32, (segment.seg_id << 32) + len(ids))))
+        self._locations.set_many(ids, np.arange(segment.seg_id << 32, (segment.seg_id << 32) + len(ids)))
         kept = [view for view in views if not any(view is pick for pick in picks)]
         return Snapshot((*kept, SegmentView(segment)), snapshot.schema, snapshot.schema_version)
 
