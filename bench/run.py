@@ -184,8 +184,9 @@ def plot_ingest(scan: dict | None, export: dict | None, path: Path) -> None:
 def plot_query_latency(figures: dict, path: Path) -> None:
     """Per query, the distribution of every sample through the API beside each in-process baseline."""
     samples = figures["samples_ms"]
-    colours = {"api_ms": "tab:blue", "tantivy_ms": "tab:green", "datafusion_ms": "tab:orange", "duckdb_ms": "tab:red"}
-    labels = {"api_ms": "Shoal HTTP API", "tantivy_ms": "tantivy in-process",
+    colours = {"api_ms": "tab:blue", "engine_ms": "tab:cyan", "tantivy_ms": "tab:green", "datafusion_ms": "tab:orange",
+               "duckdb_ms": "tab:red"}
+    labels = {"api_ms": "Shoal HTTP API", "engine_ms": "Shoal engine alone (server-side)", "tantivy_ms": "tantivy in-process",
               "datafusion_ms": "DataFusion in-process", "duckdb_ms": "DuckDB (copy) in-process"}
     fig, ax = plt.subplots(figsize=(10, 0.75 * sum(len(s) for s in samples.values()) + 1.5))
     position, ticks, names = 0, [], []
