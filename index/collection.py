@@ -250,7 +250,7 @@ class Collection:
             self._text.rollback()
             self._load()
             raise
-        release_free_memory()
+        release_free_memory(len(changes))
 
     def _apply_newer(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None,
                      keep_tombstones_s: float) -> None:
@@ -285,8 +285,8 @@ class Collection:
         views = {view.segment.seg_id: view.segment for view in self._snapshot.views}
         versions: dict[str, int] = {}
         unversioned = []
-        ids = list(ids)
-        for doc_id, location in zip(ids, self._locations.get_many(ids).tolist()):
+        distinct = list(ids)
+        for doc_id, location in zip(distinct, self._locations.get_many(distinct).tolist()):
             if location != ABSENT:
                 seg_id, row = location >> 32, location & _ROW_BITS
                 times, versioned = _versions_of(views[seg_id])

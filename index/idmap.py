@@ -5,7 +5,7 @@ A Python dict cost ~130 bytes per document (a str, an int and a slot per entry: 
 
 An `_id` is known by 96 bits: Python's 64-bit string hash (SipHash, keyed per process,
 which is fine because the map is rebuilt at each start) and its CRC-32. Live ids that share
-the 64-bit hash (odds ~n²/2⁶⁵ among n ids) are told apart by the CRC: the later one is kept
+the 64-bit hash (odds ~n²/2⁶⁵ among n ids) are told apart by the CRC: one of them is kept
 under its full text in a small dict. Ids sharing all 96 bits (~n²/2⁹⁷: 3·10⁻¹² at a billion
 documents) would be taken for one another.
 
@@ -62,7 +62,8 @@ def _fingerprints(ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 class IdLocations:
-    """`_id` → location of the live documents; batch operations, one writer."""
+    """`_id` → location of the live documents; batch operations (the ids of one call are
+    distinct), one writer."""
 
     def __init__(self) -> None:
         self.clear()
@@ -81,7 +82,7 @@ class IdLocations:
         return self._lookup(ids, remove=False)
 
     def pop_many(self, ids: Sequence[str]) -> np.ndarray:
-        """`get_many`, and the ids found are removed."""
+        """`get_many` of distinct ids, and the ids found are removed."""
         return self._lookup(ids, remove=True)
 
     def set_many(self, ids: Sequence[str], locations: np.ndarray) -> None:
@@ -123,7 +124,8 @@ class IdLocations:
             self._count += len(new)
             if len(self._recent.keys) > max(_MIN_RECENT, len(self._main.keys) >> 4):
                 recent = self._recent.live()
-                self._main = self._main.live().with_inserted(recent.keys, recent.checks, recent.locations)
+                main = self._main.live() if (self._main.locations == ABSENT).any() else self._main  # one copy fewer
+                self._main = main.with_inserted(recent.keys, recent.checks, recent.locations)
                 self._recent = _Part.empty()
 
     def _lookup(self, ids: Sequence[str], remove: bool) -> np.ndarray:

@@ -17,12 +17,12 @@ BATCH = st.lists(IDS, max_size=40, unique=True)
 OPERATIONS = st.lists(st.tuples(st.sampled_from(["set", "pop", "get"]), BATCH), max_size=60)
 
 
+REAL_FINGERPRINTS = idmap._fingerprints
+
+
 def weak_fingerprints(ids):
     keys, checks = REAL_FINGERPRINTS(ids)
     return keys % np.uint64(3), checks  # three hashes for all ids
-
-
-REAL_FINGERPRINTS = idmap._fingerprints
 
 
 @pytest.fixture(params=["real hash", "weak hash"])
