@@ -50,7 +50,7 @@ MAX_DEAD_FRACTION = 0.5
 # A bulk load stores what it read with the time it read it, by Shoal's clock: not a version
 # that a change's own timestamp could be compared with (see `Collection.apply_newer`).
 UNVERSIONED_EVENT = "SCAN"
-# `_locations` packs a segment id and a row into one int.
+# `_locations` packs a segment id and a row into one int (`_packed`).
 _ROW_BITS = (1 << 32) - 1
 # How often `apply_newer` prunes expired tombstones.
 TOMBSTONE_PRUNE_INTERVAL_S = 60.0
@@ -186,9 +186,13 @@ class Collection:
         schema = SYSTEM_FIELDS
         for view in views:
             schema = _merged_schema(schema, view.segment.batch.schema)
-            rows = np.arange(view.segment.rows) if view.deleted is None else np.flatnonzero(~view.deleted)
-            ids = view.segment.batch.column("_id").take(pa.array(rows)).to_pylist()
-            self._locations.set_many(ids, (view.segment.seg_id << 32) | rows)
+            ids = view.segment.batch.column("_id")
+            if view.deleted is None:
+                rows = np.arange(view.segment.rows)
+            else:
+                rows = np.flatnonzero(~view.deleted)
+                ids = ids.take(pa.array(rows))
+            self._locations.set_many(ids.to_pylist(), _packed(view.segment.seg_id, rows))
         if self._text.generation() != self._generation:
             self._rebuild_text_index(views)
         self._snapshot = Snapshot(tuple(views), schema, 1, self._text.searcher(_text_fields(schema)))
@@ -288,7 +292,7 @@ class Collection:
         distinct = list(ids)
         for doc_id, location in zip(distinct, self._locations.get_many(distinct).tolist()):
             if location != ABSENT:
-                seg_id, row = location >> 32, location & _ROW_BITS
+                seg_id, row = _unpacked(location)
                 times, versioned = _versions_of(views[seg_id])
                 if versioned[row]:
                     versions[doc_id] = int(times[row])
@@ -306,7 +310,8 @@ class Collection:
         replaced: list[str] = []
         for doc_id, location in zip(latest, self._locations.pop_many(list(latest)).tolist()):
             if location != ABSENT:
-                dead_rows.setdefault(location >> 32, []).append(location & _ROW_BITS)
+                seg_id, row = _unpacked(location)
+                dead_rows.setdefault(seg_id, []).append(row)
                 replaced.append(doc_id)
         views = [
             view.with_deleted(dead_rows[view.segment.seg_id]) if view.segment.seg_id in dead_rows else view
@@ -345,7 +350,7 @@ class Collection:
         }
         columns = self._items.columns([c.item for c in upserts])
         batch = pa.RecordBatch.from_pydict({**system, **{_stored_name(name): column for name, column in columns.items()}})
-        self._locations.set_many(ids, np.arange(seg_id << 32, (seg_id << 32) + len(ids)))
+        self._locations.set_many(ids, _packed(seg_id, np.arange(len(ids))))
         return Segment(seg_id, batch)
 
     def _compact(self, snapshot: Snapshot) -> Snapshot:
@@ -361,7 +366,7 @@ class Collection:
         segment = Segment(self._next_seg_id, merged)
         self._next_seg_id += 1
         ids = merged.column("_id").to_pylist()
-        self._locations.set_many(ids, np.arange(segment.seg_id << 32, (segment.seg_id << 32) + len(ids)))
+        self._locations.set_many(ids, _packed(segment.seg_id, np.arange(len(ids))))
         kept = [view for view in views if not any(view is pick for pick in picks)]
         return Snapshot((*kept, SegmentView(segment)), snapshot.schema, snapshot.schema_version)
 
@@ -413,6 +418,16 @@ class Collection:
         live = {view.segment.seg_id for view in self._snapshot.views}
         for seg_id in [s for s in self._deletes_file if s not in live]:
             del self._deletes_file[seg_id]
+
+
+def _packed(seg_id: int, rows: np.ndarray) -> np.ndarray:
+    """The locations of `rows` of segment `seg_id`, as `_locations` holds them."""
+    return (seg_id << 32) | rows.astype(np.int64)
+
+
+def _unpacked(location: int) -> tuple[int, int]:
+    """(segment id, row) of a location."""
+    return location >> 32, location & _ROW_BITS
 
 
 # Each collection stages at most one refresh at a time (its writer lock).
