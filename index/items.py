@@ -35,7 +35,7 @@ import pyarrow.json as pa_json
 
 from shoal.ingest.decode import decode_item, decode_value
 
-from .doctypes import TYPE_ORDER, build_array, build_columns, infer_type
+from .doctypes import TYPE_ORDER, build_array, build_columns, infer_type, merge_structs
 
 _INT = r"^-?(0|[1-9][0-9]{0,17})$"  # at most 18 digits: always within int64
 _PLAIN_DECIMAL = r"^-?[0-9]+\.[0-9]+$"
@@ -95,7 +95,7 @@ class ItemDecoder:
             return build_columns([decode_text(item) for item in items])
         columns = {}
         for name, chunked in zip(table.column_names, table.columns):
-            tagged = chunked.combine_chunks()
+            tagged = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()  # one block: no copy
             if tagged.null_count != len(tagged):  # else declared, but in no item of this batch
                 columns[name] = _converted(tagged)
         return columns
@@ -114,7 +114,7 @@ class ItemDecoder:
         strings = _as_strings(table.schema)
         if strings is None:
             return table
-        self._declared = strings if self._declared is None else _merge_declared(self._declared, strings)
+        self._declared = strings if self._declared is None else pa.schema(list(merge_structs(pa.struct(list(self._declared)), pa.struct(list(strings)))))
         table = read()
         if _as_strings(table.schema) is not None:
             raise pa.ArrowInvalid("the JSON reader keeps inferring non-string values")
@@ -265,18 +265,3 @@ def _field_as_strings(field: pa.Field) -> pa.Field | None:
     if pa.types.is_string(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind):
         return None
     return pa.field(field.name, pa.string())
-
-
-def _merge_declared(a: pa.Schema, b: pa.Schema) -> pa.Schema:
-    fields = {f.name: f for f in a}
-    for f in b:
-        fields[f.name] = _merge_field(fields[f.name], f) if f.name in fields else f
-    return pa.schema(list(fields.values()))
-
-
-def _merge_field(a: pa.Field, b: pa.Field) -> pa.Field:
-    if pa.types.is_struct(a.type) and pa.types.is_struct(b.type):
-        return pa.field(a.name, pa.struct(list(_merge_declared(pa.schema(list(a.type)), pa.schema(list(b.type))))))
-    if pa.types.is_list(a.type) and pa.types.is_list(b.type):
-        return pa.field(a.name, pa.list_(_merge_field(a.type.value_field, b.type.value_field)))
-    return b
