@@ -366,8 +366,8 @@ class SourcePipeline:
                     waiting.append(rounds.get_nowait())
                 results = [r for r in waiting if isinstance(r, ReadResult)]
                 if results:
-                    merged = ReadResult([c for r in results for c in r.changes], results[-1].position,
-                                        results[-1].caught_up, results[-1].lag_ms)
+                    merged = results[0] if len(results) == 1 else ReadResult(
+                        [c for r in results for c in r.changes], results[-1].position, results[-1].caught_up, results[-1].lag_ms)
                     checkpoint = await self._apply_round(reader, merged, checkpoint)
                 if len(results) < len(waiting):
                     raise waiting[-1]  # the reader stops at its first error
