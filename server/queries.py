@@ -281,9 +281,10 @@ def _union_values(array: pa.UnionArray) -> list[Any]:
     codes = np.frombuffer(array.buffers()[1], np.int8, len(array), array.offset)
     children = {}
     for position, code in enumerate(array.type.type_codes):
-        if (codes == code).any():
-            children[code] = _values(array.field(position))
-    return list(map(list.__getitem__, map(children.__getitem__, codes.tolist()), range(len(array))))
+        rows = codes == code
+        if rows.any():  # only the rows of this type: a child spans every row, mostly nulls
+            children[code] = iter(_values(array.field(position).filter(pa.array(rows))))
+    return [next(children[code]) for code in codes.tolist()]
 
 
 def _is_iso_timestamp(arrow_type: pa.DataType) -> bool:
@@ -337,4 +338,5 @@ async def get_page(request: web.Request) -> web.Response:
         raise invalid("docs must be a positive integer")
     count = min(int(docs), MAX_ROW_LIMIT)
     table, total = request.app[RESULT_PAGES].page(request.match_info["query_id"], int(cursor), count)
-    return respond({"results": rows_of(table), "pagination": _pagination(int(cursor), count, total)})
+    rows = await asyncio.to_thread(rows_of, table)  # off the event loop, as `run_sql` renders
+    return respond({"results": rows, "pagination": _pagination(int(cursor), count, total)})
