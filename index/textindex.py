@@ -38,6 +38,7 @@ from .doctypes import type_members
 
 _MARKER_ID = "\x00shoal-generation"
 _DOC = "doc"
+_DOCUMENT_TEXT = b'{"_id":%b,"_rowid":%d,"' + _DOC.encode() + b'":%b}'  # the JSON tantivy parses per document
 _TOKENIZER = "shoal_words"
 WORDS = (
     tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
@@ -203,7 +204,7 @@ class TextIndex:
         for doc_id, rowid, item in added:
             # One JSON text per document, parsed by tantivy straight into its own document:
             # cheaper than building a `tantivy.Document`, which `add_document` then copies.
-            self._writer.add_json((b'{"_id":%b,"_rowid":%d,"doc":%b}' % (orjson.dumps(doc_id), rowid, item)).decode())
+            self._writer.add_json((_DOCUMENT_TEXT % (orjson.dumps(doc_id), rowid, item)).decode())
 
     def commit(self, generation: int) -> None:
         self._writer.delete_documents_by_term("_id", _MARKER_ID)

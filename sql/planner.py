@@ -520,7 +520,7 @@ def _equality_predicate(condition: exp.Expression, schema: pa.Schema, qualifiers
             # Every word kept (none too long, none split differently), or the index could miss it.
             if "string" in members and words and words == _plain_words(literal.name):
                 return TextPredicate(tuple(path), literal.name, kind="equals", value=literal.name)
-        elif members <= _INDEXED_NUMBER_MEMBERS and members & {"int", "float"}:
+        elif members and members <= _INDEXED_NUMBER_MEMBERS:
             value = float(literal.name) if not literal.is_int else int(literal.name)
             if abs(value) < _EXACT_FLOAT_INTEGERS:
                 return TextPredicate(tuple(path), literal.name, kind="equals", value=value)
