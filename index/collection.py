@@ -21,7 +21,7 @@ import os
 import time
 import weakref
 from concurrent import futures
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -89,6 +89,9 @@ class Snapshot:
     schema: pa.Schema  # every column including hidden ones
     schema_version: int
     searcher: TextSearcher | None = None
+    # What readers derive from this snapshot once and share (the SQL engine's table of it).
+    # Not an init field: `replace` must not hand it to the next snapshot.
+    derived: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def query_schema(self) -> pa.Schema:

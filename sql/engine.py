@@ -4,7 +4,7 @@ Each query gets its own SessionContext (a fraction of a millisecond) holding exa
 snapshots it reads, registered zero-copy as `workspace.collection`, and the documents
 matching each `SEARCH(...)`, found by the snapshot's text index, as `_search.sN`. A
 snapshot's documents become a DataFusion table once, which every query over that snapshot
-shares (`_SnapshotCache`, dropped with the snapshot). DataFusion's SQLOptions
+shares (kept in `Snapshot.derived`, freed with the snapshot). DataFusion's SQLOptions
 refuse DDL, DML and SET a second time, behind the planner's check. Column names are case
 sensitive, as DynamoDB attribute names are.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,7 +40,6 @@ from datafusion.catalog import Table
 
 from shoal.index.collection import SCORE_COLUMN, Snapshot
 from shoal.index.doctypes import type_name
-from shoal.index.textindex import TextPredicate
 
 from .planner import ALIVE_FUNCTION, DEFAULT_WORKSPACE, SEARCH_SCHEMA, DirectSearch, PreparedQuery, QueryError, Search
 
@@ -172,43 +170,13 @@ def _memory_table(batches: list[pa.RecordBatch]) -> Table:
     return table
 
 
-class _SnapshotCache:
-    """What every query over one snapshot would otherwise compute again: its documents as a
-    DataFusion table (converting the batches costs ~0.6 ms at 1M documents) and the candidate
-    counts of index filters (counting 250k matches takes tantivy 2.3 ms).
-    Kept while the snapshot lives (`_cache_of`)."""
-
-    def __init__(self, snapshot: Snapshot) -> None:
-        self._snapshot = weakref.ref(snapshot)
-        self._table: Table | None = None
-        self._counts: dict[tuple[TextPredicate, ...], int] = {}
-
-    def table(self) -> Table:
-        if self._table is None:
-            self._table = _memory_table(self._snapshot().batches())
-        return self._table
-
-    def count(self, predicates: tuple[TextPredicate, ...]) -> int:
-        count = self._counts.get(predicates)
-        if count is None:
-            count = self._snapshot().searcher.count(predicates)
-            if len(self._counts) < _MAX_COUNTS_PER_SNAPSHOT:
-                self._counts[predicates] = count
-        return count
-
-
-_MAX_COUNTS_PER_SNAPSHOT = 256
-_caches: dict[int, _SnapshotCache] = {}  # by id(snapshot), each removed when its snapshot is freed
-_caches_lock = threading.Lock()
-
-
-def _cache_of(snapshot: Snapshot) -> _SnapshotCache:
-    with _caches_lock:
-        cache = _caches.get(id(snapshot))
-        if cache is None:
-            cache = _caches[id(snapshot)] = _SnapshotCache(snapshot)
-            weakref.finalize(snapshot, _caches.pop, id(snapshot), None)
-    return cache
+def _table_of(snapshot: Snapshot) -> Table:
+    """The snapshot's documents as a DataFusion table, made by the first query over it
+    (~0.6 ms at 1M documents) and shared by the rest. Two queries racing may both make it."""
+    table = snapshot.derived.get("table")
+    if table is None:
+        table = snapshot.derived["table"] = _memory_table(snapshot.batches())
+    return table
 
 
 def execute(
@@ -240,7 +208,7 @@ def execute(
             continue  # read only through its searches
         if workspace not in catalog.schema_names():
             catalog.register_schema(workspace, datafusion.catalog.Schema.memory_schema())
-        _register_checked(context, f"{workspace}.{name}", _cache_of(snapshot).table())
+        _register_checked(context, f"{workspace}.{name}", _table_of(snapshot))
     if prepared.searches:
         catalog.register_schema(SEARCH_SCHEMA, datafusion.catalog.Schema.memory_schema())
     for search in prepared.searches:
@@ -297,10 +265,9 @@ def _matches(snapshot: Snapshot, search: Search) -> Table:
     if not search.optional:
         return _memory_table(snapshot.search(search.predicates, search.limit))
     assert snapshot.searcher is not None, "a published snapshot always has its searcher"
-    cache = _cache_of(snapshot)
-    candidates = cache.count(search.predicates)
+    candidates = snapshot.searcher.count(search.predicates)
     if not _index_is_cheaper(candidates, snapshot.doc_count, len(snapshot.views)):
-        return cache.table()
+        return _table_of(snapshot)
     return _memory_table(snapshot.search(search.predicates, max(1, candidates)))  # all of them, in a heap no larger
 
 

@@ -154,7 +154,7 @@ async def test_a_query_over_its_memory_gets_400_and_the_server_lives(server: Lim
 
 
 async def test_a_replaced_snapshot_and_its_cached_table_are_freed(tmp_path):
-    """Queries over one snapshot share its DataFusion table (sql/engine.py `_SnapshotCache`);
+    """Queries over one snapshot share its DataFusion table (kept in `Snapshot.derived`);
     once the collection has moved on and no query reads the old snapshot, both go, so a
     collection that changes every second does not keep its past versions in memory."""
     collection = Collection.open(tmp_path)
@@ -167,13 +167,15 @@ async def test_a_replaced_snapshot_and_its_cached_table_are_freed(tmp_path):
 
     await collection.apply([Change.of("a", {"n": 1}, 0, meta)], None)
     assert count() == [{"n": 1}]
+    first_table = collection.snapshot().derived["table"]
+    assert count() == [{"n": 1}] and collection.snapshot().derived["table"] is first_table, "not shared"
     replaced = weakref.ref(collection.snapshot())
-    cached = len(engine._caches)
+    del first_table
     await collection.apply([Change.of("b", {"n": 2}, 0, meta)], None)
+    assert "table" not in collection.snapshot().derived, "the next snapshot inherited the old table"
     assert count() == [{"n": 2}]
     gc.collect()
-    assert replaced() is None, "the replaced snapshot is still referenced"
-    assert len(engine._caches) <= cached, "the replaced snapshot's cache entry is still there"
+    assert replaced() is None, "the replaced snapshot (and with it its table) is still referenced"
     await collection.close()
 
 
