@@ -106,17 +106,25 @@ class Snapshot:
     def doc_count(self) -> int:
         return sum(view.live_count for view in self.views)
 
-    def search(self, predicates: Sequence[TextPredicate], limit: int | None) -> list[pa.RecordBatch]:
+    def search(
+        self, predicates: Sequence[TextPredicate], limit: int | None, columns: Sequence[str] | None = None
+    ) -> list[pa.RecordBatch]:
         """The documents matching every predicate (the best `limit` by score, or all), in the
-        query schema plus a `_score` column."""
+        query schema plus a `_score` column; only the fields in `columns` when given (a take
+        of every column costs more than a selective search)."""
         assert self.searcher is not None, "a published snapshot always has its searcher"
         rowids, scores = self.searcher.search(predicates, limit)
         schema = self.query_schema
+        if columns is not None:
+            wanted = set(columns)
+            schema = pa.schema([f for f in schema if f.name in wanted])
         batches = []
         for view in self.views:
             rows, hits = view.rows_of(rowids)
             if len(rows):
-                batch = conform_batch(view.segment.batch.take(pa.array(rows)), schema)
+                stored = view.segment.batch
+                in_segment = [name for name in schema.names if stored.schema.get_field_index(name) >= 0]
+                batch = conform_batch(stored.select(in_segment).take(pa.array(rows)), schema)
                 batches.append(batch.append_column(SCORE_COLUMN, pa.array(scores[hits], pa.float64())))
         return batches or [_empty_batch(schema.append(pa.field(SCORE_COLUMN, pa.float64())))]
 

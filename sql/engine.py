@@ -263,12 +263,12 @@ def _matches(snapshot: Snapshot, search: Search) -> Table:
     candidates cost more to collect than scanning, every document (the SQL applies the same
     conditions to each)."""
     if not search.optional:
-        return _memory_table(snapshot.search(search.predicates, search.limit))
+        return _memory_table(snapshot.search(search.predicates, search.limit, search.columns))
     assert snapshot.searcher is not None, "a published snapshot always has its searcher"
     candidates = snapshot.searcher.count(search.predicates)
     if not _index_is_cheaper(candidates, snapshot.doc_count, len(snapshot.views)):
         return _table_of(snapshot)
-    return _memory_table(snapshot.search(search.predicates, max(1, candidates)))  # all of them, in a heap no larger
+    return _memory_table(snapshot.search(search.predicates, max(1, candidates), search.columns))  # all of them, in a heap no larger
 
 
 def _answer_directly(
@@ -280,7 +280,7 @@ def _answer_directly(
     snapshot = snapshot_of(*search.collection)
     if snapshot is None:
         raise QueryError(f"collection '{'.'.join(search.collection)}' does not exist")
-    matches = pa.Table.from_batches(snapshot.search(search.predicates, search.limit))
+    matches = pa.Table.from_batches(snapshot.search(search.predicates, search.limit, search.columns))
     if any(name not in matches.column_names for name, _ in direct.columns):
         return None
     if direct.by_score:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import orjson
@@ -84,6 +84,8 @@ class Search:
     # An index filter: its conditions are also in the SQL, so the engine may read the whole
     # collection instead when the index would not narrow the scan much.
     optional: bool = False
+    # The collection's fields the query may read from the matches; None: every field.
+    columns: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -174,12 +176,24 @@ def _prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLook
     changed |= _rewrite_typed_comparisons(tree, collections, schema_of)
     changed |= _rewrite_mixed_numbers(tree, collections, schema_of)
     _keep_output_names(tree, names)
+    searches = [replace(s, columns=_fields_read(tree, schema_of(*s.collection))) for s in searches]
     direct = _direct_search(tree, searches)
     checks = _add_liveness_checks(tree)
     changed |= bool(checks)
     sql = tree.sql(dialect=_DIALECT, normalize_functions=False) if changed else query
     tables = [c for c in _collections(tree) if c[0] != SEARCH_SCHEMA]
     return PreparedQuery(sql, tuple(collections), tuple(searches), direct, tuple(checks.items()), tuple(tables))
+
+
+def _fields_read(tree: exp.Expression, schema: pa.Schema | None) -> tuple[str, ...] | None:
+    """The fields of a collection of `schema` that `tree` may read: every name it says that is
+    one, and `_id` (a name said for something else costs a column, never a wrong answer).
+    None (every field) while a `*` other than COUNT(*)'s is left: the planner expands those
+    over a search's matches, so one left may read them all."""
+    if schema is None or any(not isinstance(star.parent, exp.Count) for star in tree.find_all(exp.Star)):
+        return None
+    said = {identifier.name for identifier in tree.find_all(exp.Identifier)}
+    return tuple(name for name in schema.names if name in said or name == "_id")
 
 
 def _output_names(tree: exp.Expression) -> dict[int, str]:

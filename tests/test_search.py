@@ -261,6 +261,35 @@ async def test_searches_answered_without_datafusion_equal_its_answers(corpus, se
         assert above_cut(direct) == above_cut(expected)
 
 
+@pytest.mark.parametrize(
+    ("select", "read"),
+    [
+        ("SELECT COUNT(*) AS c FROM docs WHERE SEARCH(CONTAINS(title, 'alpha'))", ("_id",)),
+        ("SELECT t.title, t.n FROM (SELECT * FROM docs WHERE SEARCH(CONTAINS(title, 'alpha'))) t ORDER BY t.n, t.title", None),
+        ("SELECT meta.tag AS tag, COUNT(*) AS c FROM docs WHERE SEARCH(CONTAINS(body, 'beta')) GROUP BY meta.tag ORDER BY 1", ("_id", "meta")),
+        ("SELECT typeof(body) AS t, COUNT(*) AS c FROM docs WHERE SEARCH(CONTAINS(title, 'gamma')) GROUP BY 1 ORDER BY 1", ("_id", "body")),
+        ("WITH m AS (SELECT d._id, d.body FROM docs d WHERE SEARCH(CONTAINS(title, 'beta')) AND n > 3) SELECT body FROM m ORDER BY _id", ("_id", "n", "body")),
+        ("SELECT _id, tags FROM docs WHERE SEARCH(CONTAINS(title, 'alpha')) ORDER BY SCORE() DESC LIMIT 5", ("_id", "tags")),
+        ("SELECT SUM(n) AS s FROM docs WHERE meta.tag = 'alpha beta'", ("_id", "n", "meta")),
+    ],
+)
+async def test_matches_carry_only_the_fields_the_query_reads(corpus, select, read, monkeypatch):
+    """A search hands on only the fields its query names (`Search.columns`; `read` None: all of
+    them); the answer is the one it gives with every field."""
+    collection, _, _ = corpus
+    rng = random.Random(13)
+    for first in range(0, 300, 100):
+        await collection.apply([Change.of(f"d{i}", random_doc(rng), 0, META) for i in range(first, first + 100)], None)
+    monkeypatch.setattr(engine, "_index_is_cheaper", lambda *_: True)
+    prepared = prepare(select, [], lambda *_: collection.snapshot().query_schema)
+    search = prepared.searches[0]
+    every = collection.snapshot().query_schema.names
+    assert set(search.columns or every) == set(read or every)
+    every_field = dataclasses.replace(prepared, searches=(dataclasses.replace(search, columns=None),))
+    pruned, whole = (execute(p, lambda *_: collection.snapshot(), 100_000, 30).table for p in (prepared, every_field))
+    assert pruned.num_rows > 0 and pruned.to_pylist() == whole.to_pylist()
+
+
 async def test_a_direct_search_of_an_unknown_column_is_datafusions_error(corpus):
     collection, _, query = corpus
     await collection.apply([Change.of("a", {"title": "alpha"}, 0, META)], None)
