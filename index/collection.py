@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from .doctypes import merge_types, null_array
 from .idmap import ABSENT, IdLocations
-from .items import ItemDecoder, decode_text, encode_item
+from .items import ItemDecoder, decode_text, encode_item, with_canonical_numbers
 from .memory import release_free_memory
 from .segment import (HIDDEN_NAMES, SYSTEM_FIELDS, SYSTEM_NAMES, Segment, SegmentView, conform_batch, write_durably,
                       write_fsync)
@@ -256,6 +256,7 @@ class Collection:
                 raise
 
     def _apply(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None) -> None:
+        changes = [_with_canonical_numbers(change) for change in changes]
         if self._transform is not None and changes:
             changes = self._transform(changes)  # before any state changes: a failure leaves none
         try:
@@ -429,6 +430,14 @@ class Collection:
         live = {view.segment.seg_id for view in self._snapshot.views}
         for seg_id in [s for s in self._deletes_file if s not in live]:
             del self._deletes_file[seg_id]
+
+
+def _with_canonical_numbers(change: Change) -> Change:
+    """`change` with its item's numbers in one text each: the text index finds a number by it."""
+    if change.item is None:
+        return change
+    item = with_canonical_numbers(change.item)
+    return change if item is change.item else replace(change, item=item)
 
 
 def _packed(seg_id: int, rows: np.ndarray) -> np.ndarray:

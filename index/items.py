@@ -6,7 +6,8 @@ item, an export file's line, a Kinesis record), and a `Change` carries it as tha
 the texts of its batch in one pyarrow JSON read (C++), which gives one struct column per
 attribute with one child per type tag (`{"S": ..., "N": ...}`), and maps the tags to Shoal's
 document types (`index.doctypes`) with Arrow compute, column by column: no Python runs per
-item. The same texts go to the text index as they are.
+item. The same texts go to the text index as they are, once the collection has put each
+number in its one text (`with_canonical_numbers`: `12.50` → `12.5`).
 
 The fast path covers strings, numbers that are int64 integers or floats written as their
 shortest text, booleans, nulls, maps, lists, string and number sets. A column with anything
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from decimal import Decimal
 from typing import Any, Mapping, Sequence
 
@@ -33,17 +35,42 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
-from shoal.ingest.decode import decode_item, decode_value
+from shoal.ingest.decode import canonical_number, decode_item, decode_value
 
 from .doctypes import TYPE_ORDER, build_array, build_columns, infer_type, merge_structs
 
 _INT = r"^-?(0|[1-9][0-9]{0,17})$"  # at most 18 digits: always within int64
 _PLAIN_DECIMAL = r"^-?[0-9]+\.[0-9]+$"
-_TRAILING_ZEROS = r"^(-?[0-9]+)(?:\.0*|(\.[0-9]*[1-9])0*)$"
+# A number text that is not `canonical_number`'s: an exponent or a plus sign, a leading point,
+# a zero before a digit, a trailing point or a fraction ending in 0, a negative zero; as an `N`
+# value or any element of an `NS` set, in the compact JSON that `item_text` and orjson write.
+_ODD_NUMBER = rb'(?:[^"]*[eE+]|-?\.|-?0[0-9]|-0"|[^"]*\.[0-9]*0"|[^"]*\.")'
+_ODD_NUMBER_IN_ITEM = re.compile(rb'\{"N(?:":"|S":\[[^\]]*")' + _ODD_NUMBER)
 
 
 class _NotCovered(Exception):
     """The fast path does not cover this column: decode it value by value."""
+
+
+def with_canonical_numbers(item: bytes) -> bytes:
+    """`item` (DynamoDB JSON text) with every number in its `canonical_number` text; the same
+    bytes when they are already (one regex search: the usual case)."""
+    if _ODD_NUMBER_IN_ITEM.search(item) is None:
+        return item
+    return orjson.dumps({name: _canonical(typed) for name, typed in orjson.loads(item).items()})
+
+
+def _canonical(typed: dict[str, Any]) -> dict[str, Any]:
+    ((tag, raw),) = typed.items()
+    if tag == "N":
+        return {"N": canonical_number(raw)}
+    if tag == "NS":
+        return {"NS": [canonical_number(text) for text in raw]}
+    if tag == "M":
+        return {"M": {name: _canonical(value) for name, value in raw.items()}}
+    if tag == "L":
+        return {"L": [_canonical(value) for value in raw]}
+    return typed
 
 
 def encode_item(doc: Mapping[str, Any]) -> bytes:
@@ -56,10 +83,12 @@ def _typed(value: Any) -> dict[str, Any]:
         return {"S": value}
     if isinstance(value, bool):
         return {"BOOL": value}
-    if isinstance(value, (int, Decimal)):
+    if isinstance(value, int):
         return {"N": str(value)}
     if isinstance(value, float):
-        return {"N": repr(value)}
+        return {"N": canonical_number(repr(value))}
+    if isinstance(value, Decimal):
+        return {"N": canonical_number(str(value))}
     if value is None:
         return {"NULL": True}
     if isinstance(value, dict):
@@ -169,10 +198,9 @@ def _members(tag: str, child: pa.Array) -> dict[str, pa.Array]:
 
 
 def _numbers(texts: pa.Array) -> dict[str, pa.Array]:
-    """Number texts by the number rule (`ingest.decode`): int64 integers, and floats whose
-    shortest text is the number; anything else goes the exact way. Trailing zeros after the
-    point change no value (`12.50` is 12.5, `100.0` is 100): they are dropped first."""
-    texts = pc.replace_substring_regex(texts, _TRAILING_ZEROS, r"\1\2")
+    """Number texts (`canonical_number`'s, as a collection keeps them) by the number rule
+    (`ingest.decode`): int64 integers, and floats whose shortest text is the number; anything
+    else goes the exact way."""
     is_int = pc.fill_null(pc.match_substring_regex(texts, _INT), False)
     is_plain_decimal = pc.fill_null(pc.match_substring_regex(texts, _PLAIN_DECIMAL), False)
     floats = pc.cast(pc.if_else(is_plain_decimal, texts, None), pa.float64())

@@ -27,12 +27,14 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import tantivy
+
+from shoal.ingest.decode import canonical_number
 
 from .doctypes import type_members
 
@@ -105,8 +107,6 @@ class TextSearcher:
             return tantivy.Query.term_query(self._schema, "_id", predicate.text)
         numeric = predicate.kind == "equals" and not isinstance(predicate.value, str)
         text = _number_text(predicate.value) if numeric else predicate.text
-        if text is None:
-            return tantivy.Query.all_query()  # no single text to look for: every document is a candidate
         attribute, column_type = self._fields.get(predicate.field[0], (None, None))
         if attribute is None:
             return tantivy.Query.empty_query()
@@ -151,13 +151,11 @@ def _escaped(name: str) -> str:
     return name.replace("\\", "\\\\").replace(".", "\\.")
 
 
-def _number_text(value: Any) -> str | None:
-    """A number's text as DynamoDB writes it (integers plainly, no exponent), or None when
-    that is not known without the item (an exponent form)."""
+def _number_text(value: int | float) -> str:
+    """The text a collection keeps for a number of this value (`canonical_number`)."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    text = str(value) if isinstance(value, int) else repr(value)
-    return None if "e" in text else text
+    return str(value) if isinstance(value, int) else canonical_number(repr(value))
 
 
 def _any(queries: list[tantivy.Query]) -> tantivy.Query:

@@ -22,7 +22,7 @@ otherwise the exact `Decimal` (e.g. 38-digit values), which is stored as its dec
 from __future__ import annotations
 
 import base64
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from typing import Any, Callable, Mapping
 
 import orjson
@@ -57,6 +57,24 @@ def decode_number(text: str) -> int | float | Decimal:
                 return value
             return _float_or_decimal(Decimal(value))
     return _decode_exact(text)
+
+
+def canonical_number(text: str) -> str:
+    """A number's one text: plain digits, no exponent, no leading or trailing zeros, no sign
+    on zero (`12.50` → `12.5`, `1E+2` → `100`, `-0.0` → `0`). DynamoDB trims zeros itself, but
+    the local endpoint hands numbers back as they were written. Collections keep this text,
+    and the text index looks a query's number up by it. A text that is no number is returned
+    as it is (decoding it fails with its own error)."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        return text
+    if not value.is_finite():
+        return text
+    if not value:
+        return "0"
+    # As many digits as the text has: normalize() rounds to the context's precision.
+    return format(value.normalize(Context(prec=len(text))), "f")
 
 
 def _decode_exact(text: str) -> int | float | Decimal:

@@ -338,3 +338,17 @@ async def test_equality_filters_from_the_index_equal_a_scan(corpus, monkeypatch)
     assert query("SELECT _id FROM docs WHERE meta.tag = 'alpha beta' ORDER BY _id") == [
         {"_id": k} for k in sorted(docs) if docs[k]["meta"]["tag"] == "alpha beta"
     ]
+
+
+async def test_numbers_are_found_by_value_however_their_text_was_written(corpus, monkeypatch):
+    """The local endpoint hands numbers back as they were written (`12.50`, `1E+2`); the
+    index must find each by its value, as a scan does."""
+    collection, _, query = corpus
+    texts = {"a": "12.50", "b": "1E+2", "c": "-0.0", "d": "007", "e": "1.25E1", "f": "100.000", "g": ".5"}
+    items = {k: orjson.dumps({"v": {"N": t}, "s": {"NS": [t, "5"]}}) for k, t in texts.items()}
+    await collection.apply([Change(k, item, 0, META) for k, item in items.items()], None)
+    for literal, expected in (("12.5", ["a", "e"]), ("100", ["b", "f"]), ("0", ["c"]), ("7", ["d"]), ("0.5", ["g"])):
+        for use_index in (True, False):
+            monkeypatch.setattr(engine, "_index_is_cheaper", lambda *_, use_index=use_index: use_index)
+            assert sorted(r["_id"] for r in query(f"SELECT _id FROM docs WHERE v = {literal}")) == expected, (literal, use_index)
+    assert query("SELECT v, s FROM docs WHERE _id = 'f'") == [{"v": 100, "s": [100, 5]}]
