@@ -30,6 +30,7 @@ import itertools
 from decimal import Decimal
 from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 NoneType = type(None)
@@ -97,6 +98,20 @@ def _from_members(members: dict[str, pa.DataType]) -> pa.DataType:
         [pa.field(name, members[name]) for name in names],
         type_codes=[TYPE_ORDER.index(name) for name in names],
     )
+
+
+def array_of_members(members: dict[str, pa.Array], length: int) -> pa.Array:
+    """One column from an array per type member, each of `length` values and null where the
+    value is of another type, laid out as `_from_members` types it: the member alone, or a
+    sparse union."""
+    arrow_type = _from_members({name: array.type for name, array in members.items()})
+    if not pa.types.is_union(arrow_type):
+        return next(iter(members.values())) if members else pa.nulls(length)
+    names, codes = [f.name for f in arrow_type], list(arrow_type.type_codes)
+    type_ids = np.full(length, codes[0], np.int8)
+    for name, code in zip(names, codes):
+        type_ids[members[name].is_valid().to_numpy(zero_copy_only=False)] = code
+    return pa.UnionArray.from_sparse(pa.array(type_ids, pa.int8()), [members[name] for name in names], names, codes)
 
 
 # ----------------------------------------------------------------------------- inference

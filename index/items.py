@@ -23,21 +23,19 @@ again with those paths declared as strings (`ItemDecoder` remembers them for lat
 
 from __future__ import annotations
 
-import base64
 import io
 import re
 from decimal import Decimal
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
-from shoal.ingest.decode import canonical_number, decode_item, decode_value
+from shoal.ingest.decode import binary_text, canonical_number, decode_item, decode_value
 
-from .doctypes import TYPE_ORDER, build_array, build_columns, infer_type, merge_structs
+from .doctypes import array_of_members, build_array, build_columns, infer_type, merge_structs
 
 _INT = r"^-?(0|[1-9][0-9]{0,17})$"  # at most 18 digits: always within int64
 _PLAIN_DECIMAL = r"^-?[0-9]+\.[0-9]+$"
@@ -96,7 +94,7 @@ def _typed(value: Any) -> dict[str, Any]:
     if isinstance(value, list):
         return {"L": [_typed(v) for v in value]}
     if isinstance(value, (bytes, bytearray)):
-        return {"B": base64.b64encode(value).decode("ascii")}
+        return {"B": binary_text(value)}
     raise TypeError(f"not a document value: {type(value).__name__}")
 
 
@@ -175,7 +173,7 @@ def _column(tagged: pa.Array) -> pa.Array:
             if name in members:
                 raise _NotCovered  # e.g. a list and a set in one field: merge by value
             members[name] = array
-    return _assemble(members, len(tagged))
+    return array_of_members(members, len(tagged))
 
 
 def _members(tag: str, child: pa.Array) -> dict[str, pa.Array]:
@@ -193,7 +191,7 @@ def _members(tag: str, child: pa.Array) -> dict[str, pa.Array]:
     if tag == "SS" and child.type == pa.list_(pa.string()):
         return {"array": child}
     if tag == "NS" and child.type == pa.list_(pa.string()):
-        return {"array": _list(child, _assemble(_numbers(child.values), len(child.values)))}
+        return {"array": _list(child, array_of_members(_numbers(child.values), len(child.values)))}
     raise _NotCovered  # binary (base64 to decode), or an unexpected shape
 
 
@@ -238,22 +236,6 @@ def _struct(maps: pa.StructArray) -> pa.Array:
 def _list(lists: pa.ListArray, elements: pa.Array) -> pa.Array:
     """`lists` with its elements replaced by `elements` (converted `lists.values`)."""
     return pa.ListArray.from_arrays(lists.offsets, elements, mask=lists.is_null())
-
-
-def _assemble(members: dict[str, pa.Array], length: int) -> pa.Array:
-    """One column from its type members: the member itself when there is one (decimals
-    excepted), else a sparse union with a child per type, as `doctypes` makes them."""
-    if not members:
-        return pa.nulls(length)
-    if len(members) == 1 and "decimal" not in members:
-        return next(iter(members.values()))
-    names = sorted(members, key=TYPE_ORDER.index)
-    codes = [TYPE_ORDER.index(name) for name in names]
-    type_ids = np.full(length, codes[0], np.int8)
-    for name, code in zip(names, codes):
-        valid = members[name].is_valid().to_numpy(zero_copy_only=False)
-        type_ids[valid] = code
-    return pa.UnionArray.from_sparse(pa.array(type_ids, pa.int8()), [members[n] for n in names], names, codes)
 
 
 # ----------------------------------------------------------------------------- by value

@@ -94,6 +94,11 @@ def _float_or_decimal(exact: Decimal) -> float | Decimal:
     return exact
 
 
+def binary_text(value: bytes | bytearray) -> str:
+    """A binary value as DynamoDB JSON writes it (base64): in item texts, `_id`s and answers."""
+    return base64.b64encode(value).decode("ascii")
+
+
 def _binary(value: bytes | str) -> bytes:
     # botocore hands us bytes; export files and Kinesis records carry base64 text.
     return base64.b64decode(value) if isinstance(value, str) else bytes(value)
@@ -139,14 +144,14 @@ def item_text(item: Mapping[str, Mapping[str, Any]]) -> bytes:
 
 def _base64_text(value: Any) -> str:
     if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(value).decode("ascii")
+        return binary_text(value)
     raise TypeError(f"not a DynamoDB JSON value: {type(value).__name__}")
 
 
 def _key_text(typed: Mapping[str, Any]) -> str:
     ((tag, raw),) = typed.items()
     if tag == "B":
-        return base64.b64encode(_binary(raw)).decode("ascii")
+        return binary_text(_binary(raw))
     return str(raw)
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from shoal.ingest.decode import binary_text
 
 from .catalog import Catalog, LiveCollection, now_iso
 from .errors import invalid
@@ -29,7 +30,7 @@ CONSOLE_CSP = (
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(value).decode("ascii")  # as DynamoDB puts binary on the wire
+        return binary_text(value)
     if isinstance(value, Decimal):
         return str(value)
     raise TypeError
