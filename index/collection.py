@@ -217,7 +217,7 @@ class Collection:
         for view in views:
             batch = view.live_batch()
             fields = batch.drop_columns([name for name in batch.schema.names if name in SYSTEM_NAMES])
-            items = (encode_item({_item_name(k): v for k, v in row.items() if v is not None}) for row in fields.to_pylist())
+            items = (encode_item({item_name(k): v for k, v in row.items() if v is not None}) for row in fields.to_pylist())
             self._text.update((), zip(batch.column("_id").to_pylist(), batch.column("_rowid").to_pylist(), items))
         self._text.commit(self._generation)
 
@@ -361,7 +361,7 @@ class Collection:
             "_rowid": pa.array(range(first_rowid, first_rowid + len(upserts)), pa.int64()),
         }
         columns = self._items.columns([c.item for c in upserts])
-        batch = pa.RecordBatch.from_pydict({**system, **{_stored_name(name): column for name, column in columns.items()}})
+        batch = pa.RecordBatch.from_pydict({**system, **{stored_name(name): column for name, column in columns.items()}})
         self._locations.set_many(ids, _packed(seg_id, np.arange(len(ids))))
         return Segment(seg_id, batch)
 
@@ -473,14 +473,14 @@ def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([null_array(0, f.type) for f in schema], schema=schema)
 
 
-def _stored_name(attribute: str) -> str:
+def stored_name(attribute: str) -> str:
     """An attribute's column: an attribute named like a system column, or like the `_score`
     column a search adds, is kept as `_item<name>` (`_id` → `_item_id`)."""
     return f"_item{attribute}" if attribute in _RENAMED_NAMES else attribute
 
 
-def _item_name(column: str) -> str:
-    """The attribute a user column holds (`_stored_name` undone)."""
+def item_name(column: str) -> str:
+    """The attribute a user column holds (`stored_name` undone)."""
     return column[len("_item"):] if column.startswith("_item") and column[len("_item"):] in _RENAMED_NAMES else column
 
 
@@ -489,7 +489,7 @@ _RENAMED_NAMES = SYSTEM_NAMES | {SCORE_COLUMN}
 
 def _text_fields(schema: pa.Schema) -> dict[str, tuple[str, pa.DataType]]:
     """Per user column, the attribute the text index holds it under, and its type."""
-    return {f.name: (_item_name(f.name), f.type) for f in schema if f.name not in SYSTEM_NAMES}
+    return {f.name: (item_name(f.name), f.type) for f in schema if f.name not in SYSTEM_NAMES}
 
 
 def _merged_schema(schema: pa.Schema, batch_schema: pa.Schema) -> pa.Schema:

@@ -2,7 +2,8 @@
 
 Rockset's `field_mapping_query`: drop, rename, derive or mask the fields of each incoming
 document, bulk load and stream alike, with SQL. The upserted documents of a batch become
-an Arrow table `_input` (`_id` plus the documents' fields, typed as in storage), the
+an Arrow table `_input` (`_id` plus the documents' fields, typed and named as in storage:
+an attribute named like a system column is `_item<name>`, e.g. `_item_id`), the
 mapping runs on DataFusion, and each output row is stored as the document with that `_id`.
 A document the mapping's WHERE filters out is deleted, as if the item had been; deletes
 pass through untouched.
@@ -23,7 +24,7 @@ import pyarrow as pa
 from datafusion import SessionConfig, SessionContext, SQLOptions
 from sqlglot import exp
 
-from shoal.index.collection import Change
+from shoal.index.collection import Change, item_name, stored_name
 from shoal.index.items import ItemDecoder, encode_item
 
 from .planner import QueryError, parse_single_query
@@ -63,8 +64,8 @@ class FieldMapping:
         return [change if change.item is None else dataclasses.replace(change, item=mapped.get(change.id)) for change in latest.values()]
 
     def _run(self, upserts: list[Change]) -> dict[str, bytes]:
-        # An attribute literally named `_id` must not shadow the document id.
-        documents = {("_item_id" if k == "_id" else k): v for k, v in self._items.columns([c.item for c in upserts]).items()}
+        # Attributes named like system columns (`_id`) are `_item<name>`, as in queries.
+        documents = {stored_name(k): v for k, v in self._items.columns([c.item for c in upserts]).items()}
         columns = {"_id": pa.array([c.id for c in upserts], pa.string()), **documents}
         for name in self._named_fields - columns.keys():
             columns[name] = pa.nulls(len(upserts))
@@ -80,7 +81,7 @@ class FieldMapping:
             doc_id = row.pop("_id")
             if doc_id not in ids:
                 raise QueryError(f"field mapping changed _id (got {doc_id!r}): it must pass _id through unchanged")
-            mapped[doc_id] = encode_item({("_id" if k == "_item_id" else k): _stored(v) for k, v in row.items() if v is not None})
+            mapped[doc_id] = encode_item({item_name(k): _stored(v) for k, v in row.items() if v is not None})
         return mapped
 
 

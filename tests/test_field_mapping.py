@@ -52,6 +52,20 @@ async def test_a_failing_mapping_stores_nothing(tmp_path):
         await collection.close()
 
 
+async def test_attributes_named_like_system_columns_keep_their_query_names(tmp_path):
+    """An attribute `_id` or `_meta` is `_item_id`, `_item_meta` in a mapping as in queries."""
+    mapping = "SELECT _id, _item_id, upper(_item_meta) AS _item_meta, _item_meta AS owner FROM _input"
+    collection = Collection.open(tmp_path, FieldMapping(mapping).apply)
+    try:
+        await collection.apply([Change.of("a", {"_id": "own id", "_meta": "ann", "n": 1}, 0, META)], None)
+        assert rows(collection, "SELECT _id, _item_id, _item_meta, owner FROM docs") == [
+            {"_id": "a", "_item_id": "own id", "_item_meta": "ANN", "owner": "ann"}
+        ]
+        assert "n" not in collection.snapshot().query_schema.names
+    finally:
+        await collection.close()
+
+
 @pytest.mark.parametrize(
     "sql",
     [
