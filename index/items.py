@@ -39,11 +39,11 @@ from .doctypes import array_of_members, build_array, build_columns, infer_type, 
 
 _INT = r"^-?(0|[1-9][0-9]{0,17})$"  # at most 18 digits: always within int64
 _PLAIN_DECIMAL = r"^-?[0-9]+\.[0-9]+$"
-# A number text that is not `canonical_number`'s: an exponent or a plus sign, a leading point,
-# a zero before a digit, a trailing point or a fraction ending in 0, a negative zero; as an `N`
-# value or any element of an `NS` set, in the compact JSON that `item_text` and orjson write.
-_ODD_NUMBER = rb'(?:[^"]*[eE+]|-?\.|-?0[0-9]|-0"|[^"]*\.[0-9]*0"|[^"]*\.")'
-_ODD_NUMBER_IN_ITEM = re.compile(rb'\{"N(?:":"|S":\[[^\]]*")' + _ODD_NUMBER)
+# The texts `canonical_number` writes, and a search for any other number text in an item's
+# text (compact JSON, as `item_text` and orjson write it), as an `N` value or an element of
+# an `NS` set; such as the texts Python also reads as numbers: `12.50`, `1E+2`, `1_000`, ` 5`.
+_CANONICAL = rb"(?:0|-?(?:[1-9][0-9]*(?:\.[0-9]*[1-9])?|0\.[0-9]*[1-9]))"
+_OTHER_NUMBER_IN_ITEM = re.compile(rb'\{"N(?:":"(?!' + _CANONICAL + rb'")|S":\[(?:"' + _CANONICAL + rb'",)*"(?!' + _CANONICAL + rb'"))')
 
 
 class _NotCovered(Exception):
@@ -53,7 +53,7 @@ class _NotCovered(Exception):
 def with_canonical_numbers(item: bytes) -> bytes:
     """`item` (DynamoDB JSON text) with every number in its `canonical_number` text; the same
     bytes when they are already (one regex search: the usual case)."""
-    if _ODD_NUMBER_IN_ITEM.search(item) is None:
+    if _OTHER_NUMBER_IN_ITEM.search(item) is None:
         return item
     return orjson.dumps({name: _canonical(typed) for name, typed in orjson.loads(item).items()})
 

@@ -38,7 +38,10 @@ from shoal.ingest.decode import canonical_number
 
 from .doctypes import type_members
 
-_MARKER_ID = "\x00shoal-generation"
+# The document holding the generation of the last commit. Its id names the index's format:
+# an index of an older format (-2: numbers as their items wrote them) has no such document,
+# so its collection rebuilds it from the segments.
+_MARKER_ID = "\x00shoal-generation-2"
 _DOC = "doc"
 _DOCUMENT_TEXT = b'{"_id":%b,"_rowid":%d,"' + _DOC.encode() + b'":%b}'  # the JSON tantivy parses per document
 _TOKENIZER = "shoal_words"

@@ -73,8 +73,14 @@ def canonical_number(text: str) -> str:
         return text
     if not value:
         return "0"
+    if not _EXPONENTS.start <= value.adjusted() < _EXPONENTS.stop:
+        return text  # no DynamoDB number: its plain digits could be a million characters
     # As many digits as the text has: normalize() rounds to the context's precision.
     return format(value.normalize(Context(prec=len(text))), "f")
+
+
+# Decimal exponents of DynamoDB's numbers (1E-130 to 9.99E+125), with room on each side.
+_EXPONENTS = range(-200, 200)
 
 
 def _decode_exact(text: str) -> int | float | Decimal:

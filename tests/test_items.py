@@ -3,6 +3,8 @@ values (ingest/decode.py) and typing them with doctypes.build_columns."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import orjson
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +14,7 @@ from test_item_limits import BATCHES, nested_values
 from shoal.index import items as items_module
 from shoal.index.doctypes import build_columns
 from shoal.index.items import ItemDecoder, encode_item
-from shoal.ingest.decode import decode_item, item_text
+from shoal.ingest.decode import canonical_number, decode_item, item_text
 
 
 def by_value(texts: list[bytes]) -> dict[str, pa.Array]:
@@ -96,3 +98,33 @@ def test_timestamp_like_strings_stay_text_and_are_remembered():
     later = [encode_item({"at": "2024-02-01"}), encode_item({"other": 1})]
     assert decoder.columns(later)["at"].to_pylist() == ["2024-02-01", None]
     assert "at" not in decoder.columns([encode_item({"other": 2})]), "a declared path no item of the batch has"
+
+
+def _number_texts() -> st.SearchStrategy[str]:
+    """Number texts as a source may write them: canonical or not (zeros, exponents, signs)."""
+    decimals = st.decimals(allow_nan=False, allow_infinity=False, min_value=-(10**30), max_value=10**30, places=None)
+    plain = st.builds(lambda d: format(d, "f"), decimals)
+    padded = st.builds(lambda text, zeros: text + ("" if "." in text else ".") + "0" * zeros, plain, st.integers(0, 3))
+    exponent = st.builds(lambda d: f"{d:E}", decimals)
+    signed = st.builds(lambda text: "+" + text.lstrip("-"), plain)
+    leading = st.builds(lambda text: "0" + text.lstrip("-"), plain)
+    return st.one_of(plain, padded, exponent, signed, leading, st.builds(str, st.integers(-(2**70), 2**70)))
+
+
+@given(st.lists(_number_texts(), min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_numbers_get_one_text_with_their_value(texts):
+    """`with_canonical_numbers` rewrites every number of an item (alone, in a set, in a list
+    in a map) to `canonical_number`'s text, without changing its value; an item whose numbers
+    already are in that text comes back as the same bytes."""
+    shapes = {
+        "N": ({"n": {"N": texts[0]}}, lambda item: [item["n"]["N"]], texts[:1]),
+        "NS": ({"s": {"NS": texts}}, lambda item: item["s"]["NS"], texts),
+        "M/L": ({"m": {"M": {"l": {"L": [{"N": t} for t in texts]}}}}, lambda item: [v["N"] for v in item["m"]["M"]["l"]["L"]], texts),
+    }
+    for shape, (item, numbers_of, written) in shapes.items():
+        out = orjson.loads(items_module.with_canonical_numbers(orjson.dumps(item)))
+        for before, after in zip(written, numbers_of(out), strict=True):
+            assert after == canonical_number(before) and Decimal(after) == Decimal(before), shape
+        canonical = orjson.dumps(out)
+        assert items_module.with_canonical_numbers(canonical) is canonical, shape
