@@ -55,6 +55,10 @@ class FieldMapping:
             raise QueryError("a field mapping must keep _id unchanged: SELECT *, ... or SELECT _id, ... FROM _input")
         self.sql = sql
         self._named_fields = {column.parts[0].name for column in tree.find_all(exp.Column)}
+        system = sorted(name for name in self._named_fields - {"_id"} if stored_name(name) != name)
+        if system:
+            # It would read as null: _input has no such column.
+            raise QueryError(f"in _input, as in queries, an attribute named {system[0]} is {stored_name(system[0])}")
         self._items = ItemDecoder()
 
     def apply(self, changes: Sequence[Change]) -> list[Change]:

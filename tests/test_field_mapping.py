@@ -64,6 +64,8 @@ async def test_attributes_named_like_system_columns_keep_their_query_names(tmp_p
         assert "n" not in collection.snapshot().query_schema.names
     finally:
         await collection.close()
+    with pytest.raises(QueryError, match="_item_meta"):  # `_meta` would read as null
+        FieldMapping("SELECT _id, _meta AS owner FROM _input")
 
 
 @pytest.mark.parametrize(
