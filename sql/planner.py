@@ -477,7 +477,7 @@ def _plan_searches(tree: exp.Expression, schema_of: SchemaLookup) -> list[Search
         for score in [node for node in select.find_all(exp.Anonymous) if node.name.upper() == "SCORE"]:
             if score.parent_select is select:
                 score.replace(exp.column(SCORE_COLUMN))
-        _expand_stars(select, schema.names)
+        _expand_stars(select, schema.names, {alias, table.name})
         name = f"s{len(searches)}"
         table.replace(exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(SEARCH_SCHEMA), alias=exp.TableAlias(this=exp.to_identifier(alias))))
         searches.append(Search(name, collection, tuple(predicates), _best_only(select)))
@@ -505,7 +505,7 @@ def _plan_index_filter(
     predicates = [p for p in (_equality_predicate(c, schema, qualifiers) for c in conditions) if p is not None]
     if not predicates:
         return
-    _expand_stars(select, schema.names)
+    _expand_stars(select, schema.names, qualifiers)
     name = f"s{len(searches)}"
     alias = table.alias or table.name
     table.replace(exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(SEARCH_SCHEMA), alias=exp.TableAlias(this=exp.to_identifier(alias))))
@@ -574,14 +574,26 @@ def _id_lookup(condition: exp.Expression, table: exp.Table) -> str | None:
     return None
 
 
-def _expand_stars(select: exp.Select, names: list[str]) -> None:
-    """`*` (or `alias.*`) → the document's fields by name, so that `_score` is not among them."""
+def _expand_stars(select: exp.Select, names: list[str], qualifiers: set[str]) -> None:
+    """`*` (or `alias.*`, the collection's alias in `qualifiers`) → the document's fields by
+    name, so that `_score` is not among them; with its EXCEPT/EXCLUDE and REPLACE applied.
+    A star of something else (`address.*`, a struct) stays for DataFusion."""
     expressions: list[exp.Expression] = []
     for expression in select.expressions:
-        if isinstance(expression, exp.Star) or (isinstance(expression, exp.Column) and isinstance(expression.this, exp.Star)):
-            expressions.extend(exp.column(name, quoted=True) for name in names)
+        if isinstance(expression, exp.Column) and isinstance(expression.this, exp.Star) and expression.table in qualifiers:
+            star = expression.this
+        elif isinstance(expression, exp.Star):
+            star = expression
         else:
             expressions.append(expression)
+            continue
+        if star.args.get("rename"):
+            raise QueryError("* RENAME is not supported over a SEARCH or an indexed filter: name the fields")
+        dropped = {column.name for column in star.args.get("except_") or []}
+        replaced = {alias.alias: alias for alias in star.args.get("replace") or []}
+        expressions.extend(
+            replaced.get(name) or exp.column(name, quoted=True) for name in names if name not in dropped
+        )
     select.set("expressions", expressions)
 
 

@@ -352,3 +352,23 @@ async def test_numbers_are_found_by_value_however_their_text_was_written(corpus,
             monkeypatch.setattr(engine, "_index_is_cheaper", lambda *_, use_index=use_index: use_index)
             assert sorted(r["_id"] for r in query(f"SELECT _id FROM docs WHERE v = {literal}")) == expected, (literal, use_index)
     assert query("SELECT v, s FROM docs WHERE _id = 'f'") == [{"v": 100, "s": [100, 5]}]
+
+
+@pytest.mark.parametrize(
+    ("select", "plain"),
+    [
+        ("SELECT x.* EXCEPT (body) FROM docs x WHERE n = 3", "SELECT x.* EXCEPT (body) FROM plain x WHERE n = 3"),
+        ("SELECT * REPLACE (upper(title) AS title) FROM docs WHERE n = 3", "SELECT * REPLACE (upper(title) AS title) FROM plain WHERE n = 3"),
+        ("SELECT * EXCLUDE (body, meta) FROM docs WHERE SEARCH(CONTAINS(title, 'alpha'))",
+         "SELECT * EXCLUDE (body, meta) FROM plain WHERE _id IN (SELECT _id FROM docs WHERE SEARCH(CONTAINS(title, 'alpha')))"),
+    ],
+)
+async def test_stars_with_except_and_replace_over_the_index_equal_a_scan(corpus, select, plain, monkeypatch):
+    """A star the planner expands over a search's matches keeps its EXCEPT and REPLACE."""
+    collection, _, query = corpus
+    rng = random.Random(17)
+    await collection.apply([Change.of(f"d{i}", random_doc(rng), 0, META) for i in range(200)], None)
+    monkeypatch.setattr(engine, "_index_is_cheaper", lambda *_: True)
+    assert prepare(select, [], lambda *_: collection.snapshot().query_schema).searches
+    got = query(f"{select} ORDER BY _id")
+    assert got and got == query(f"WITH plain AS (SELECT * FROM commons.docs) {plain} ORDER BY _id")
