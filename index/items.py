@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
-from shoal.ingest.decode import binary_text, canonical_number, decode_item, decode_value
+from shoal.ingest.decode import binary_text, canonical_number, decode_item, decode_value, number_text
 
 from .doctypes import array_of_members, build_array, build_columns, infer_type, merge_structs
 
@@ -81,12 +81,8 @@ def _typed(value: Any) -> dict[str, Any]:
         return {"S": value}
     if isinstance(value, bool):
         return {"BOOL": value}
-    if isinstance(value, int):
-        return {"N": str(value)}
-    if isinstance(value, float):
-        return {"N": canonical_number(repr(value))}
-    if isinstance(value, Decimal):
-        return {"N": canonical_number(str(value))}
+    if isinstance(value, (int, float, Decimal)):
+        return {"N": number_text(value)}
     if value is None:
         return {"NULL": True}
     if isinstance(value, dict):

@@ -34,7 +34,7 @@ import orjson
 import pyarrow as pa
 import tantivy
 
-from shoal.ingest.decode import canonical_number
+from shoal.ingest.decode import number_text
 
 from .doctypes import type_members
 
@@ -109,7 +109,7 @@ class TextSearcher:
         if predicate.kind == "id":
             return tantivy.Query.term_query(self._schema, "_id", predicate.text)
         numeric = predicate.kind == "equals" and not isinstance(predicate.value, str)
-        text = _number_text(predicate.value) if numeric else predicate.text
+        text = number_text(predicate.value) if numeric else predicate.text
         attribute, column_type = self._fields.get(predicate.field[0], (None, None))
         if attribute is None:
             return tantivy.Query.empty_query()
@@ -152,13 +152,6 @@ def _tag_paths(arrow_type: pa.DataType, names: Sequence[str], tags: Mapping[str,
 def _escaped(name: str) -> str:
     # tantivy splits a JSON path at dots: a dot (or backslash) inside a name is escaped.
     return name.replace("\\", "\\\\").replace(".", "\\.")
-
-
-def _number_text(value: int | float) -> str:
-    """The text a collection keeps for a number of this value (`canonical_number`)."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value) if isinstance(value, int) else canonical_number(repr(value))
 
 
 def _any(queries: list[tantivy.Query]) -> tantivy.Query:

@@ -79,6 +79,13 @@ def canonical_number(text: str) -> str:
     return format(value.normalize(Context(prec=len(text))), "f")
 
 
+def number_text(value: int | float | Decimal) -> str:
+    """The text a collection keeps for a number of this value (`canonical_number`'s)."""
+    if isinstance(value, int):
+        return str(value)
+    return canonical_number(repr(value) if isinstance(value, float) else str(value))
+
+
 # Decimal exponents of DynamoDB's numbers (1E-130 to 9.99E+125), with room on each side.
 _EXPONENTS = range(-200, 200)
 

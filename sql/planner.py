@@ -592,7 +592,7 @@ def _expand_stars(select: exp.Select, names: list[str], qualifiers: set[str]) ->
         dropped = {column.name for column in star.args.get("except_") or []}
         replaced = {alias.alias: alias for alias in star.args.get("replace") or []}
         expressions.extend(
-            replaced.get(name) or exp.column(name, quoted=True) for name in names if name not in dropped
+            replaced[name].copy() if name in replaced else exp.column(name, quoted=True) for name in names if name not in dropped
         )
     select.set("expressions", expressions)
 
