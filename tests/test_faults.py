@@ -437,12 +437,19 @@ async def test_killed_during_compaction(tmp_path: Path, kill_point: str):
         try:
             assert child.stdout is not None
             if kill_point == "random":
+                # The first compacting refresh runs to its end and is timed; the next is killed
+                # at a random moment within that time (10-25 ms here, more on a loaded machine).
+                began = took = None
                 for line in child.stdout:
                     read.append(line)
-                    if line.startswith("compacting"):
-                        time.sleep(rng.uniform(0.0, 0.1))
+                    if line.startswith("compacting") and took is None:
+                        began = time.perf_counter()
+                    elif line.startswith("compacting"):
+                        time.sleep(rng.uniform(0.0, took))
                         child.kill()
                         break
+                    elif line.startswith("applied") and began is not None and took is None:
+                        took = time.perf_counter() - began
         finally:
             rest, errors = child.communicate(timeout=60)
             child.kill()
