@@ -39,11 +39,16 @@ from .doctypes import array_of_members, build_array, build_columns, infer_type, 
 
 _INT = r"^-?(0|[1-9][0-9]{0,17})$"  # at most 18 digits: always within int64
 _PLAIN_DECIMAL = r"^-?[0-9]+\.[0-9]+$"
-# The texts `canonical_number` writes, and a search for any other number text in an item's
-# text (compact JSON, as `item_text` and orjson write it), as an `N` value or an element of
-# an `NS` set; such as the texts Python also reads as numbers: `12.50`, `1E+2`, `1_000`, ` 5`.
+# The texts `canonical_number` writes, and the other number texts in an item's text (compact
+# JSON, as `item_text` and orjson write it): an `N` value (group 1), or an `NS` set with one
+# among its elements (group 2); such as the texts Python also reads as numbers: `12.50`,
+# `1E+2`, `1_000`, ` 5`. Typed values are the only place `{"N":"` and `{"NS":[` can occur: a
+# quote inside a JSON string is escaped, and an attribute named N or NS holds an object.
 _CANONICAL = rb"(?:0|-?(?:[1-9][0-9]*(?:\.[0-9]*[1-9])?|0\.[0-9]*[1-9]))"
-_OTHER_NUMBER_IN_ITEM = re.compile(rb'\{"N(?:":"(?!' + _CANONICAL + rb'")|S":\[(?:"' + _CANONICAL + rb'",)*"(?!' + _CANONICAL + rb'"))')
+_OTHER_NUMBER_IN_ITEM = re.compile(
+    rb'\{"N":"(?!' + _CANONICAL + rb'")([^"]*)"'
+    rb'|\{"NS":\[(?=(?:"' + _CANONICAL + rb'",)*"(?!' + _CANONICAL + rb'"))((?:"[^"\\]*",)*"[^"\\]*")\]'
+)
 
 
 class _NotCovered(Exception):
@@ -52,23 +57,19 @@ class _NotCovered(Exception):
 
 def with_canonical_numbers(item: bytes) -> bytes:
     """`item` (DynamoDB JSON text) with every number in its `canonical_number` text; the same
-    bytes when they are already (one regex search: the usual case)."""
+    bytes when they are already (one regex search: the usual case). Only the other texts are
+    replaced, in place: decoding and encoding the whole item cost five times as much, and the
+    local endpoint hands a quarter of the items of a realistic stream back with one."""
     if _OTHER_NUMBER_IN_ITEM.search(item) is None:
         return item
-    return orjson.dumps({name: _canonical(typed) for name, typed in orjson.loads(item).items()})
+    return _OTHER_NUMBER_IN_ITEM.sub(_canonical_texts, item)
 
 
-def _canonical(typed: dict[str, Any]) -> dict[str, Any]:
-    ((tag, raw),) = typed.items()
-    if tag == "N":
-        return {"N": canonical_number(raw)}
-    if tag == "NS":
-        return {"NS": [canonical_number(text) for text in raw]}
-    if tag == "M":
-        return {"M": {name: _canonical(value) for name, value in raw.items()}}
-    if tag == "L":
-        return {"L": [_canonical(value) for value in raw]}
-    return typed
+def _canonical_texts(match: re.Match[bytes]) -> bytes:
+    number, members = match.groups()
+    if number is not None:
+        return b'{"N":"%b"' % canonical_number(number.decode()).encode()
+    return b'{"NS":%b' % orjson.dumps([canonical_number(text) for text in orjson.loads(b"[%b]" % members)])
 
 
 def encode_item(doc: Mapping[str, Any]) -> bytes:

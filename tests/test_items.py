@@ -128,3 +128,21 @@ def test_numbers_get_one_text_with_their_value(texts):
             assert after == canonical_number(before) and Decimal(after) == Decimal(before), shape
         canonical = orjson.dumps(out)
         assert items_module.with_canonical_numbers(canonical) is canonical, shape
+
+
+def test_only_typed_numbers_are_rewritten():
+    """The rewrite finds numbers by their type tags in the text: a string that spells a typed
+    number, attributes named N or NS, and sets of texts that are no numbers are left alone."""
+    item = {
+        "N": {"M": {"N": {"N": "12.50"}, "NS": {"NS": ["1E+2", "3"]}}},
+        "text": {"S": '{"N":"12.50"} and {"NS":["1.0"]}'},
+        "odd": {"NS": ['1"]', "2.0", "x\\"]},
+        "NS": {"L": [{"N": "007"}]},
+    }
+    out = orjson.loads(items_module.with_canonical_numbers(orjson.dumps(item)))
+    assert out == {
+        "N": {"M": {"N": {"N": "12.5"}, "NS": {"NS": ["100", "3"]}}},
+        "text": item["text"],
+        "odd": item["odd"],  # no number set: decoding it fails with its own error
+        "NS": {"L": [{"N": "7"}]},
+    }
