@@ -165,6 +165,8 @@ def _key_text(typed: Mapping[str, Any]) -> str:
     ((tag, raw),) = typed.items()
     if tag == "B":
         return binary_text(_binary(raw))
+    if tag == "N":
+        return canonical_number(raw)  # one item, one `_id`, however the endpoint wrote its key
     return str(raw)
 
 

@@ -83,6 +83,8 @@ def test_item_text_is_dynamodb_json_held_at_its_own_size():
 def test_document_id_is_stable_and_unambiguous():
     assert document_id({"pk": {"S": "a"}}, ("pk",)) == "a"
     assert document_id({"pk": {"N": "7"}}, ("pk",)) == "7"
+    # DynamoDB trims a number key, the local endpoint keeps it as written: one item either way.
+    assert document_id({"pk": {"N": "12.50"}, "sk": {"N": "1E+2"}}, ("pk", "sk")) == '["12.5","100"]'
     # The separator cannot collide with key text: both keys differ although concatenations agree.
     one = document_id({"pk": {"S": "a|b"}, "sk": {"S": "c"}}, ("pk", "sk"))
     two = document_id({"pk": {"S": "a"}, "sk": {"S": "b|c"}}, ("pk", "sk"))
