@@ -321,7 +321,7 @@ def _rewrite_lateral_unnest(tree: exp.Expression) -> bool:
         joins = select.args.get("joins") or []
         for number, join in enumerate(joins):
             unnest = join.this
-            if not isinstance(unnest, exp.Unnest) or not any(isinstance(e, exp.Column) and e.table for e in unnest.find_all(exp.Column)):
+            if not isinstance(unnest, exp.Unnest) or unnest.find(exp.Column) is None:
                 continue  # UNNEST of a literal array is DataFusion's own
             if len(unnest.expressions) != 1:
                 raise QueryError("UNNEST takes one array field, e.g. CROSS JOIN UNNEST(c.tags AS tag)")
@@ -352,10 +352,14 @@ def _rewrite_lateral_unnest(tree: exp.Expression) -> bool:
 
 
 def _unnest_source(select: exp.Select, array: exp.Expression) -> exp.Table:
-    """The collection (a FROM item of `select`) whose field `array` is."""
+    """The collection (a FROM item of `select`) whose field `array` is: the one it names, or
+    the only one (Rockset's `FROM c CROSS JOIN UNNEST(tags AS tag)`)."""
     qualifiers = {column.table for column in array.find_all(exp.Column)}
-    for source in _from_items(select):
-        if isinstance(source, exp.Table) and source.alias_or_name in qualifiers:
+    collections = [source for source in _from_items(select) if isinstance(source, exp.Table)]
+    if qualifiers == {""} and len(collections) == 1:
+        return collections[0]
+    for source in collections:
+        if source.alias_or_name in qualifiers:
             return source
     raise QueryError(f"UNNEST({array.sql(dialect=_DIALECT)}): name the array by a collection in FROM, "
                      "e.g. FROM orders o CROSS JOIN UNNEST(o.tags AS tag)")

@@ -493,15 +493,15 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def render_number(text: str) -> int | float | str:
-    """The contract for N: int if integral and within int64, float if float64 holds it
-    exactly, otherwise the exact decimal text."""
+    """The contract for N: int if integral and within int64, float if the float64's shortest
+    text is the same number (`0.1`, `12.50`), otherwise the exact decimal text."""
     d = Decimal(text)
     if d == d.to_integral_value():
         i = int(d)
         if INT64_MIN <= i <= INT64_MAX:
             return i
     f = float(d)
-    if math.isfinite(f) and Decimal(f) == d:
+    if math.isfinite(f) and Decimal(repr(f)) == d:
         return f
     return text
 

@@ -133,6 +133,8 @@ async def test_rockset_unnest_gives_each_element_beside_its_document(run):
     assert rows == [{"_id": "d0", "tag": "new"}, {"_id": "d0", "tag": "sale"}, {"_id": "d1", "tag": "new"}]
     rows = run("SELECT label, COUNT(*) AS n FROM orders CROSS JOIN UNNEST(orders.tags AS label) WHERE amount > 5 GROUP BY label ORDER BY label")
     assert rows == [{"label": "new", "n": 1}, {"label": "sale", "n": 1}]
+    # With one collection in FROM, the array may go unnamed by it, as in Rockset's examples.
+    assert run("SELECT label, COUNT(*) AS n FROM orders CROSS JOIN UNNEST(tags AS label) WHERE amount > 5 GROUP BY label ORDER BY label") == rows
     rows = run("SELECT i.item.sku AS sku, o.city.name AS city FROM orders o CROSS JOIN UNNEST(o.items AS item) i ORDER BY sku")
     assert rows == [{"sku": "s1", "city": "Oslo"}, {"sku": "s2", "city": "Oslo"}]
     rows = run("SELECT * FROM orders o CROSS JOIN UNNEST(o.tags AS label) u WHERE o._id = 'd1'")
@@ -146,6 +148,8 @@ async def test_rockset_unnest_gives_each_element_beside_its_document(run):
 async def test_unnest_of_an_unknown_source_is_a_query_error(run):
     with pytest.raises(QueryError, match="name the array by a collection"):
         run("SELECT * FROM orders o CROSS JOIN UNNEST(x.tags AS tag)")
+    with pytest.raises(QueryError, match="name the array by a collection"):
+        run("SELECT * FROM orders o JOIN orders p ON o._id = p._id CROSS JOIN UNNEST(tags AS tag)")
     with pytest.raises(QueryError, match="ORDINALITY"):
         run("SELECT * FROM orders o CROSS JOIN UNNEST(o.tags AS tag) WITH ORDINALITY")
 
