@@ -378,10 +378,11 @@ class SourcePipeline:
         """Apply one round's changes with the position that covers them; returns the checkpoint."""
         if result.changes or result.position != checkpoint["stream"]:  # or shards found, finished, verified
             checkpoint = {**checkpoint, "stream": result.position}
+            changes = _after_bulk_load_began(result.changes, checkpoint)
             if isinstance(reader, KinesisReader):
-                await self.collection.apply_newer(result.changes, checkpoint, reader.tombstone_keep_s)
+                await self.collection.apply_newer(changes, checkpoint, reader.tombstone_keep_s)
             else:
-                await self.collection.apply(_after_bulk_load_began(result.changes, checkpoint), checkpoint)
+                await self.collection.apply(changes, checkpoint)
         if result.changes:
             self.status.stream_last_processed_at = _now_iso()
         self.status.stream_shards = reader.shard_status()
@@ -447,9 +448,12 @@ async def _read_ahead(reader: StreamReader | KinesisReader, rounds: asyncio.Queu
 
 def _after_bulk_load_began(changes: list[Change], checkpoint: dict) -> list[Change]:
     """The changes the bulk load may not hold. The stream is replayed from before the bulk load
-    (TRIM_HORIZON: up to 24 h of changes); a change made well before it began is already in
-    what it read (the scan reads strongly consistent, the export is taken later), so applying
-    it again would only rewrite the same documents, the longest part of getting READY."""
+    (DynamoDB Streams from TRIM_HORIZON: up to 24 h of changes); a change made well before it
+    began is already in what it read (the scan reads strongly consistent, the export is of its
+    ExportTime or later), so applying it again would only rewrite the same documents, the
+    longest part of getting READY. From Kinesis, records come late or twice: applied, a late
+    copy would overwrite the newer state the bulk load read (which has no version to compare),
+    or bring back an item deleted before it."""
     started = checkpoint.get("scan", {}).get("start_time")
     if not started or not changes:
         return changes

@@ -162,24 +162,36 @@ class KinesisFeed:
         old = self.dynamodb.delete_item(TableName=self.table, Key=key, ReturnValues="ALL_OLD").get("Attributes")
         return self._record("REMOVE", key, new=None, old=old) if old else None  # no item: no record
 
+    def late_copy(self, event: str, item: dict, age_s: float) -> dict:
+        """The stream record of a write of `item` made `age_s` ago, as a retried put delivers it
+        long after the first (the write is not made, and the record is not filed)."""
+        record = self._kds_record(event, item, new=item if event != "REMOVE" else None, old=None, created_s=time.time() - age_s)
+        return {"PartitionKey": self._partition_key(item), "Data": json.dumps(record).encode()}
+
     def _record(self, event: str, item: dict, new: dict | None, old: dict | None) -> dict:
+        partition_key = self._partition_key(item)
+        record = self._kds_record(event, item, new, old, time.time(), self._last_time.get(partition_key, 0) + 1)
+        self._last_time[partition_key] = record["dynamodb"]["ApproximateCreationDateTime"]
+        self.pending.append({"PartitionKey": partition_key, "Data": json.dumps(record).encode()})
+        return record
+
+    def _partition_key(self, item: dict) -> str:
+        return json.dumps(wire_item({name: item[name] for name in self.key_names}), sort_keys=True)
+
+    def _kds_record(self, event: str, item: dict, new: dict | None, old: dict | None, created_s: float,
+                    not_before: int = 0) -> dict:
         keys = {name: item[name] for name in self.key_names}
-        partition_key = json.dumps(wire_item(keys), sort_keys=True)
-        now = time.time()
-        created = int(now * 1_000_000) if self.precision == "MICROSECOND" else int(now * 1000)
-        created = max(created, self._last_time.get(partition_key, 0) + 1)
-        self._last_time[partition_key] = created
+        created = int(created_s * 1_000_000) if self.precision == "MICROSECOND" else int(created_s * 1000)
+        created = max(created, not_before)
         body: dict[str, Any] = {"ApproximateCreationDateTime": created, "Keys": wire_item(keys),
                                 "SizeBytes": len(json.dumps(wire_item(new or old or keys)))}
         if new is not None:
             body["NewImage"] = wire_item(new)
         if old is not None:
             body["OldImage"] = wire_item(old)
-        record = {"awsRegion": AWS_ENV["AWS_DEFAULT_REGION"], "eventID": str(uuid.uuid4()), "eventName": event,
-                  "userIdentity": None, "recordFormat": "application/json", "tableName": self.table,
-                  "dynamodb": body, "eventSource": "aws:dynamodb"}
-        self.pending.append({"PartitionKey": partition_key, "Data": json.dumps(record).encode()})
-        return record
+        return {"awsRegion": AWS_ENV["AWS_DEFAULT_REGION"], "eventID": str(uuid.uuid4()), "eventName": event,
+                "userIdentity": None, "recordFormat": "application/json", "tableName": self.table,
+                "dynamodb": body, "eventSource": "aws:dynamodb"}
 
     # ---- delivery
 
