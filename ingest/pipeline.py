@@ -120,7 +120,20 @@ class SourceStatus:
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _iso(datetime.now(timezone.utc))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _bulk_load_state_time(checkpoint: dict) -> float | None:
+    """Epoch seconds of the table's state the bulk load began from: its start, or the export's
+    point in time when that is earlier (DynamoDB may export a state from before it was asked).
+    Changes before it are in what the bulk load read; the stream is replayed from it."""
+    scan = checkpoint.get("scan", {})
+    times = [datetime.fromisoformat(scan[name]).timestamp() for name in ("start_time", "export_time") if scan.get(name)]
+    return min(times) if times else None
 
 
 def _average_rate(scan: dict[str, Any]) -> float | None:
@@ -213,9 +226,7 @@ class SourcePipeline:
         position = checkpoint["stream"]
         if not self.config.kinesis_stream_arn or "start_at" in position or "verified_at" in position:
             return checkpoint
-        starts = [bulk_started] if bulk_started is not None else []
-        if checkpoint.get("scan", {}).get("start_time"):
-            starts.append(datetime.fromisoformat(checkpoint["scan"]["start_time"]).timestamp())
+        starts = [t for t in (bulk_started, _bulk_load_state_time(checkpoint)) if t is not None]
         start_at = min(starts) - KINESIS_REPLAY_MARGIN_S if starts else None
         return {**checkpoint, "stream": {**position, "start_at": start_at}}
 
@@ -277,6 +288,7 @@ class SourcePipeline:
         As for a scan, the stream position is taken before the export starts and replayed after
         it, so changes made while DynamoDB exports end up applied. Checkpoint part `scan`:
         {start_time, end_time, total_records, records_processed (items of done files),
+         export_time (the export's point in time, once it is known),
          export: {bucket, prefix, arn (None until started), files, done (ranges of indexes)}}."""
         bucket, table_name = self.config.s3_export_bucket, self.config.table_name
         if not bucket:
@@ -302,6 +314,13 @@ class SourcePipeline:
             scan = {**scan, "export": export}
             await self.collection.apply([], {"phase": "scan", "stream": stream_position, "scan": scan})
 
+        async def start_over() -> None:
+            """Make the retry take a new export, from its first file: the files done were the old one's."""
+            nonlocal scan, export
+            export = {"bucket": export["bucket"], "prefix": export_prefix(table_name), "arn": None}
+            scan = {**scan, "records_processed": 0, "export": export}
+            await self.collection.apply([], {"phase": "scan", "stream": stream_position, "scan": scan})
+
         async with self.access.client("dynamodb", self.config.region) as dynamodb, \
                 self.access.client("s3", self.config.region) as s3:
             if export["arn"] is None:
@@ -310,8 +329,10 @@ class SourcePipeline:
             try:
                 description = await wait_for_export(dynamodb, export["arn"])
             except ExportProblem:
-                await save(arn=None, prefix=export_prefix(table_name))  # the retry starts a new export
+                await start_over()
                 raise
+            if description.get("ExportTime") is not None:  # the table's state the files hold
+                scan = {**scan, "export_time": _iso(description["ExportTime"])}
             self.status.state = DOWNLOADING
             files, total = await export_files(s3, description)
             if total is not None:
@@ -337,8 +358,9 @@ class SourcePipeline:
             loader = ExportLoader(s3_chunks(s3, export["bucket"]), export_decoder(key_names, table_name))
             await loader.run(((i, file) for i, file in enumerate(files) if i not in done), apply_batches)
         if total is not None and scan["records_processed"] != total:
-            raise ExportProblem(f"the export's files hold {scan['records_processed']} items, "
-                                f"but DynamoDB says it exported {total}")
+            held = scan["records_processed"]
+            await start_over()  # reading the same files again would find the same
+            raise ExportProblem(f"the export's files hold {held} items, but DynamoDB says it exported {total}")
         scan = {**scan, "end_time": _now_iso()}
         checkpoint = {"phase": "stream", "stream": stream_position, "scan": scan}
         await self.collection.apply([], checkpoint)
@@ -413,7 +435,7 @@ class SourcePipeline:
         unscanned = await asyncio.to_thread(_written_before_scan, self.collection.snapshot(), scan_start)
         now_us = int(time.time() * 1_000_000)
         meta = {"table": self.config.table_name, "event": "REMOVE", "sequence_number": None}
-        checkpoint = {**checkpoint, "stream": {**position, "verified_at": scan_start.timestamp()}}
+        checkpoint = {**checkpoint, "stream": {**position, "verified_at": _bulk_load_state_time(checkpoint)}}
         await self.collection.apply([Change(doc_id, None, now_us, meta) for doc_id in unscanned], checkpoint)
         if unscanned:
             log.info("removed %d documents of %s the bulk load did not see", len(unscanned), self.config.table_name)
@@ -454,10 +476,10 @@ def _after_bulk_load_began(changes: list[Change], checkpoint: dict) -> list[Chan
     longest part of getting READY. From Kinesis, records come late or twice: applied, a late
     copy would overwrite the newer state the bulk load read (which has no version to compare),
     or bring back an item deleted before it."""
-    started = checkpoint.get("scan", {}).get("start_time")
-    if not started or not changes:
+    started = _bulk_load_state_time(checkpoint)
+    if started is None or not changes:
         return changes
-    covered_before_us = (datetime.fromisoformat(started).timestamp() - REPLAY_SKIP_MARGIN_S) * 1_000_000
+    covered_before_us = (started - REPLAY_SKIP_MARGIN_S) * 1_000_000
     return [change for change in changes if change.event_time_us >= covered_before_us]
 
 

@@ -16,6 +16,10 @@ its one `endpoint_url`. On top it models, in the real wire format:
 * **Time.** `hold_exports()` makes DescribeExport answer `IN_PROGRESS` until
   `release_exports()`, as a real export does for minutes; `before_export(fn)` runs `fn` (in a
   thread) when the export is asked for, before the table is read.
+* **Exports that go.** `forget_exports()` makes DescribeExport answer
+  `ExportNotFoundException` for every real-layout export so far, as for an expired one.
+  `export_time_lag_s` dates a real-layout export's `ExportTime` that long before the request
+  (an export of an earlier point in time).
 * **Permissions.** `deny_pitr_update` answers UpdateContinuousBackups with HTTP 400
   `AccessDeniedException`, as DynamoDB does for a role without that permission.
 * **Slow files.** `block_files(part)` holds S3 GETs of keys containing `part` until
@@ -62,7 +66,9 @@ class ExportDouble(LoopbackServer):
         self._before_export: Callable[[], None] | None = None
         self._held = threading.Event()
         self._blocked_part: str | None = None
+        self.export_time_lag_s = 0.0
         self._exports: dict[str, dict[str, Any]] = {}  # real-layout exports by ARN
+        self._forgotten: set[str] = set()
 
     # -- what tests call (from their own thread)
 
@@ -74,6 +80,9 @@ class ExportDouble(LoopbackServer):
 
     def before_export(self, fn: Callable[[], None]) -> None:
         self._before_export = fn
+
+    def forget_exports(self) -> None:
+        self._forgotten.update(self._exports)
 
     def block_files(self, part: str) -> None:
         """Hold GETs of keys containing `part` (from now on, and those held already)."""
@@ -132,6 +141,8 @@ class ExportDouble(LoopbackServer):
 
     async def _op_DescribeExport(self, request: web.Request, body: bytes) -> web.Response:
         arn = orjson.loads(body)["ExportArn"]
+        if arn in self._forgotten:
+            return _error("com.amazonaws.dynamodb.v20120810#ExportNotFoundException", f"Export not found: {arn}")
         if arn in self._exports:
             description = {"ExportDescription": {**self._exports[arn], "ExportStatus": "COMPLETED"}}
         else:
@@ -180,7 +191,7 @@ class ExportDouble(LoopbackServer):
         for key, data in objects:
             await self._put_object(request, bucket, key, data)
         return {
-            "ExportArn": summary["exportArn"], "StartTime": started, "EndTime": time.time(), "ExportTime": started,
+            "ExportArn": summary["exportArn"], "StartTime": started, "EndTime": time.time(), "ExportTime": started - self.export_time_lag_s,
             "ExportManifest": f"{base}/manifest-summary.json", "TableArn": table_arn, "TableId": summary["tableId"],
             "ClientToken": asked.get("ClientToken", ""), "S3Bucket": bucket, "S3BucketOwner": ACCOUNT,
             "S3Prefix": prefix, "S3SseAlgorithm": "AES256", "ExportFormat": "DYNAMODB_JSON",

@@ -17,6 +17,7 @@ import json
 import random
 import time
 import uuid
+from datetime import datetime
 
 import boto3
 import orjson
@@ -24,6 +25,7 @@ import pytest
 from botocore.config import Config
 
 from export_double import ExportDouble
+from shoal.index.collection import Change
 from shoal.ingest.aws import AwsAccess
 from shoal.ingest.export import (
     ExportFile,
@@ -35,6 +37,7 @@ from shoal.ingest.export import (
     s3_chunks,
     to_ranges,
 )
+from shoal.ingest.pipeline import _after_bulk_load_began
 from support import AWS_ENV, Dynamo, ShoalProcess, compare_collection, wait_until
 
 COLL = "exported"
@@ -403,3 +406,46 @@ async def test_restart_while_downloading_skips_the_files_applied(moto_server, ta
     assert {key for key in again if "/data/" in key} == {stuck}, again
     assert source(await shoal.get_collection(COLL))["dynamodb"]["status"]["scan_records_processed"] == N_ITEMS
     await assert_collection_equals(shoal, table)
+
+
+async def test_an_export_gone_after_a_restart_is_loaded_anew_from_its_first_file(
+        moto_server, table, table_name, bucket, shoal: ShoalProcess):
+    """Files of an export applied, SIGKILL, and the export is gone (expired) at the restart: the
+    retry takes a new export and reads every one of its files, not only those the old one had
+    left; the table changed meanwhile, so the new files hold other items."""
+    with ExportDouble(moto_server, real_layout=True, files=4) as double:
+        double.block_files("/data/")
+        await start_export_collection(shoal, double.url, table_name, bucket)
+        await wait_until(lambda: sum(n for key, n in double.gets.items() if "/data/" in key) == 4, 30, 0.05, "four GETs")
+        double.block_files(sorted(key for key in double.gets if "/data/" in key)[2])
+        await wait_until(lambda: len(from_ranges(saved_checkpoint(shoal)["scan"]["export"].get("done", []))) == 3,
+                         30, 0.05, "three files applied", describe=lambda: saved_checkpoint(shoal))
+        shoal.kill()
+        double.forget_exports()
+        double.unblock_files()
+        rng = random.Random(4)
+        Dynamo(moto_server).batch_write(table_name, [make_item(rng, 20_000 + i) for i in range(40)])
+        shoal.start()
+        await shoal.wait_ready(COLL, timeout=60)
+        assert double.exports_started == 2
+    model = table_model(moto_server, table_name)
+    assert source(await shoal.get_collection(COLL))["dynamodb"]["status"]["scan_records_processed"] == len(model)
+    await assert_collection_equals(shoal, model)
+
+
+async def test_the_stream_is_replayed_from_the_exports_point_in_time(
+        moto_server, table, table_name, bucket, shoal: ShoalProcess):
+    """DynamoDB may export the table as of a time before it was asked: the stream's changes
+    since that time are not in the files, so the replay must keep them."""
+    with ExportDouble(moto_server, real_layout=True) as double:
+        double.export_time_lag_s = 600
+        await start_export_collection(shoal, double.url, table_name, bucket)
+        await shoal.wait_ready(COLL, timeout=60)
+    scan = saved_checkpoint(shoal)["scan"]
+    exported = datetime.fromisoformat(scan["export_time"]).timestamp()
+    assert exported <= datetime.fromisoformat(scan["start_time"]).timestamp() - 590, scan
+    now_us = int(time.time() * 1_000_000)
+    meta = {"table": table_name, "event": "MODIFY", "sequence_number": "1"}
+    changes = [Change("after the export", None, now_us - 300_000_000, meta),
+               Change("before the export", None, now_us - 900_000_000, meta)]
+    assert [c.id for c in _after_bulk_load_began(changes, saved_checkpoint(shoal))] == ["after the export"]
