@@ -208,8 +208,9 @@ class SourcePipeline:
                     changes, copy.deepcopy(checkpoint["stream"]), key_names, self.config.table_name,
                     self.config.poll_interval_s)
             else:
+                began = _bulk_load_state_time(checkpoint)
                 reader = StreamReader(changes, copy.deepcopy(checkpoint["stream"]), key_names, self.config.table_name,
-                                      self.config.poll_interval_s)
+                                      self.config.poll_interval_s, None if began is None else began - REPLAY_SKIP_MARGIN_S)
             try:
                 await self._follow_stream(reader, checkpoint)
             except StreamTrimmed as trimmed:

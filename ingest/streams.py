@@ -25,7 +25,9 @@ What DynamoDB Streams requires (docs: shared facts §2), and how the reader hono
 - Expired iterators (15 minutes) are re-acquired after the last applied record.
 - Lost changes are never skipped silently: `TrimmedDataAccessException`, a shard that was in
   the position but vanished before it was read to its end, or a position last verified longer
-  ago than the stream keeps records raise `StreamTrimmed`; the pipeline then rebuilds.
+  ago than the stream keeps records raise `StreamTrimmed`; the pipeline then rebuilds. Unless
+  what was trimmed is older than the bulk load's state (`covered_before`): a replay after a
+  bulk load starts at TRIM_HORIZON, where a busy table's records are trimmed all the time.
 - Polling: a shard that returned a full page is read again at once, one that returned records
   after the poll interval, an idle one after a wait that doubles up to a small cap
   (`idle_wait`), a throttled one (`LimitExceededException`) after an exponential wait with
@@ -290,12 +292,16 @@ class ShardRounds:
 
 
 class StreamReader(ShardRounds):
-    """Reads one DynamoDB stream from `position`."""
+    """Reads one DynamoDB stream from `position`. `covered_before` (epoch seconds): changes
+    made before it are in the collection already (its bulk load read them), so losing them to
+    trimming loses nothing."""
 
     def __init__(
-        self, client: Any, position: dict[str, Any], key_names: tuple[str, ...], table_name: str, poll_interval_s: float
+        self, client: Any, position: dict[str, Any], key_names: tuple[str, ...], table_name: str, poll_interval_s: float,
+        covered_before: float | None = None,
     ) -> None:
         super().__init__(client, position, key_names, table_name, poll_interval_s)
+        self.covered_before = covered_before
         self._stream_enabled = True
         self._age_checked = False
 
@@ -354,14 +360,28 @@ class StreamReader(ShardRounds):
                     shard.due = time.monotonic() + throttle_wait(self.poll_interval_s, shard.throttles)
                     return None
                 except self.client.exceptions.TrimmedDataAccessException as error:
-                    raise StreamTrimmed(
-                        f"the stream was trimmed past the saved position of shard {shard_id} "
-                        f"(sequence number {seq or 'TRIM_HORIZON'}): changes after it were lost"
-                    ) from error
+                    if not self._trimmed_only_what_is_covered():
+                        raise StreamTrimmed(
+                            f"the stream was trimmed past the saved position of shard {shard_id} "
+                            f"(sequence number {seq or 'TRIM_HORIZON'}): changes after it were lost"
+                        ) from error
+                    # As a bulk load's replay begins, at TRIM_HORIZON, where records are being
+                    # trimmed: go on from the oldest record left (`_take` skips what was applied).
+                    shard.iterator, seq = None, None
+                    if attempt == 2:
+                        shard.due = time.monotonic() + self.poll_interval_s
+                        return None
+                    continue
                 shard.throttles = 0
                 shard.iterator = response.get("NextShardIterator")
                 return Page(response.get("Records", []), ended=shard.iterator is None)
         raise AssertionError("unreachable")
+
+    def _trimmed_only_what_is_covered(self) -> bool:
+        """Whether every record trimmed by now is older than `covered_before`: DynamoDB trims
+        records older than RETENTION_S (a little early, by our clock)."""
+        trimmed_before = time.time() - RETENTION_S + RETENTION_MARGIN_S
+        return self.covered_before is not None and trimmed_before < self.covered_before
 
     async def _iterator(self, shard_id: str, seq: str | None) -> str:
         request = {"StreamArn": self.position["stream_arn"], "ShardId": shard_id}

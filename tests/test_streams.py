@@ -11,11 +11,13 @@ Every expectation comes from the records the test filed or the items it wrote.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import orjson
 import pytest
 
 from aiobotocore.config import AioConfig
@@ -301,6 +303,31 @@ async def test_lost_changes_raise_stream_trimmed(double: StreamsDouble):
         await stream_reader(client, partly, recent).read()
 
 
+async def test_records_trimmed_from_before_the_bulk_load_lose_nothing(double: StreamsDouble):
+    """A replay after a bulk load starts at TRIM_HORIZON, where DynamoDB trims all the time: an
+    iterator there may point at a record trimmed before it is used. When every record trimmed
+    by now is older than what the bulk load read, the reader goes on from the oldest left."""
+    arn = double.create_stream("t", KEY_SCHEMA)
+    filed = Filed(double, arn)
+    for i in range(10):
+        filed.put(f"k{i}", i)
+    async with streams_client(double) as client:
+        def reader(covered_before: float, position: dict | None = None) -> StreamReader:
+            return StreamReader(client, position or {"stream_arn": arn, "shards": {}}, ("pk",), "t", POLL_S, covered_before)
+        covered = reader(time.time())
+        rounds = await read_until(covered, count_is(10))
+        after_ten = copy.deepcopy(rounds[-1].position)
+        for i in range(5):
+            filed.put(f"k{i}", 100 + i)
+        double.trim(arn)  # the five new records go unread, with the iterator past the ten
+        filed.put("k9", 900)
+        rounds += await read_until(covered, lambda rounds: "k9" in {c.id for r in rounds for c in r.changes[-1:]})
+        assert delivered(rounds) == filed.seqs()[:10] + filed.seqs()[-1:]
+        # Not when the bulk load may not hold what was trimmed: it is older than the retention.
+        with pytest.raises(StreamTrimmed, match="trimmed past the saved position"):
+            await read_until(reader(time.time() - 25 * 3600, after_ten), lambda rounds: False)
+
+
 async def test_a_disabled_stream_is_read_to_its_end_then_reported(double: StreamsDouble):
     arn = double.create_stream("t", KEY_SCHEMA)
     filed = Filed(double, arn)
@@ -519,6 +546,12 @@ async def test_a_trimmed_stream_rebuilds_the_collection(mirrored: StreamsDouble,
           [f"n{i:03d}" for i in range(1, 16)], 600)
     mirrored.wait_mirrored(table_name)
     assert mirrored.trim(arn) > 0
+    # The double trims records just written; DynamoDB trims those older than a day, so what it
+    # trims is newer than the bulk load only once that is more than a day old: make it so.
+    manifest_path = shoal.data_dir / "collections" / "commons" / COLL / "index" / "manifest.json"
+    manifest = orjson.loads(manifest_path.read_bytes())
+    manifest["checkpoint"]["scan"]["start_time"] = "2020-01-01T00:00:00.000Z"
+    manifest_path.write_bytes(orjson.dumps(manifest))
     mirrored.hold_scans()
     shoal.start()
     await wait_rebuilding(shoal, mirrored, "trimmed past the saved position")
