@@ -395,7 +395,8 @@ class SourcePipeline:
                 if len(results) < len(waiting):
                     raise waiting[-1]  # the reader stops at its first error
         finally:
-            reading.cancel()
+            reading.cancel()  # and waited for: the next reader must not share the client with its calls
+            await asyncio.gather(reading, return_exceptions=True)
 
     async def _apply_round(self, reader: StreamReader | KinesisReader, result: ReadResult, checkpoint: dict) -> dict:
         """Apply one round's changes with the position that covers them; returns the checkpoint."""
@@ -513,6 +514,10 @@ class SourceProblem(Exception):
 
 
 _INVALID_CREDENTIALS = ("UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException")
+# AWS's InvalidSignatureException quotes the request it expected to be signed, session token
+# included: status and log show neither.
+_EXPECTED_REQUEST = re.compile(r"\s*The Canonical String for this request should have been.*", re.S)
+_SECRET_HEADER = re.compile(r"(x-amz-security-token|authorization)\s*:\s*\S+", re.I)
 
 
 def _describe_error(error: Exception, config: SourceConfig) -> str:
@@ -526,7 +531,7 @@ def _describe_error(error: Exception, config: SourceConfig) -> str:
     if not (isinstance(response, dict) and "Error" in response):
         return str(error) or type(error).__name__
     code = response["Error"].get("Code", "Error")
-    message = response["Error"].get("Message", "")
+    message = _SECRET_HEADER.sub(r"\1: (not shown)", _EXPECTED_REQUEST.sub("", response["Error"].get("Message", "")))
     described = f"{code}: {message}".strip()
     said = described.rstrip(".") + "."  # what AWS said, as a sentence the advice follows
     operation = getattr(error, "operation_name", "")

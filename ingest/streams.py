@@ -258,14 +258,13 @@ class ShardRounds:
         An unfinished shard that is no longer listed lost its unread records: StreamTrimmed."""
         states = self.position["shards"]
         changed = False
-        for shard_id, state in list(states.items()):
-            if shard_id in listed:
-                continue
-            if not state["done"]:
+        for shard_id, state in states.items():  # raised before anything changes: rounds queued still apply
+            if shard_id not in listed and not state["done"]:
                 raise StreamTrimmed(
                     f"{self.STREAM} shard {shard_id} expired before it was read to its end "
                     f"(last sequence number read: {state['seq'] or 'none'})"
                 )
+        for shard_id in [s for s in states if s not in listed]:
             del states[shard_id]  # finished, and now past retention
             changed = True
         for shard_id in listed:

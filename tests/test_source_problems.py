@@ -17,7 +17,9 @@ import time
 import orjson
 import pytest
 from aiohttp import web
+from botocore.exceptions import ClientError
 
+from shoal.ingest.pipeline import SourceConfig, _describe_error
 from support import Dynamo, LoopbackServer, ShoalProcess, compare_collection, wait_until
 
 COLL = "src"
@@ -272,6 +274,24 @@ async def test_invalid_access_keys(faulty: FaultyDynamo, ddb: Dynamo, table_name
     status = await problem_shown(shoal, "UnrecognizedClientException", "credentials are not valid")
     print(f"\ninvalid keys: {status['message']}")
     await nothing_ingested(shoal)
+
+
+def test_a_bad_signature_is_described_without_the_signed_request():
+    """DynamoDB's InvalidSignatureException quotes the canonical request, session token and
+    all: the status (and so the log) says what is wrong without it."""
+    token = "IQoJb3JpZ2luX2VjEXAMPLEsessiontokenAAAA"
+    message = ("The request signature we calculated does not match the signature you provided. Check your AWS "
+               "Secret Access Key and signing method. Consult the service documentation for details.\n\n"
+               "The Canonical String for this request should have been\n'POST\n/\n\nhost:dynamodb.us-east-1."
+               f"amazonaws.com\nx-amz-date:20261124T070000Z\nx-amz-security-token:{token}\n\n"
+               "host;x-amz-date;x-amz-security-token\nabc'\n\nThe String-to-Sign should have been\n'AWS4-HMAC-SHA256'\n")
+    error = ClientError({"Error": {"Code": "InvalidSignatureException", "Message": message}}, "DescribeTable")
+    config = SourceConfig(table_name="t", region="us-east-1", rcu=None, use_scan_api=True)
+    described = _describe_error(error, config)
+    assert described.startswith("InvalidSignatureException: The request signature we calculated"), described
+    assert "credentials are not valid" in described and token not in described and "Canonical" not in described
+    leaked = ClientError({"Error": {"Code": "X", "Message": f"x-amz-security-token:{token} rejected"}}, "Scan")
+    assert token not in _describe_error(leaked, config)
 
 
 @pytest.mark.parametrize("operation", ["DescribeTable", "Scan", "GetRecords"])
