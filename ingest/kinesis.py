@@ -186,13 +186,13 @@ class KinesisReader(ShardRounds):
             full = len(page.records) >= GET_RECORDS_LIMIT
             shard.due = now if full else now + self.poll_interval_s
             shard.empty_reads, shard.at_tip = 0, False
-            newest = max(change.event_time_us for change in changes) if changes else None
-            shard.lag_ms = max(0, int(time.time() * 1000 - newest / 1000)) if newest is not None else shard.lag_ms
+            if changes:
+                shard.fresh_as_of = max(change.event_time_us for change in changes) / 1_000_000
         else:
             shard.empty_reads += 1
             shard.at_tip = page.at_tip
             if page.at_tip:
-                shard.due, shard.lag_ms = now + idle_wait(self.poll_interval_s, shard.empty_reads), 0
+                shard.due, shard.fresh_as_of = now + idle_wait(self.poll_interval_s, shard.empty_reads), time.time()
             else:  # Kinesis may answer an empty page with records further on (MillisBehindLatest > 0)
                 shard.due = now + self.poll_interval_s
         if page.ended:

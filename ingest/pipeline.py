@@ -61,7 +61,7 @@ from .scan import (
     segments_for,
 )
 from .kinesis import KinesisReader
-from .streams import ReadResult, StreamReader, StreamTrimmed
+from .streams import ReadResult, StreamReader, StreamTrimmed, lag_ms
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,18 @@ class SourceStatus:
     scan_throttled_requests: int = 0
     stream_last_processed_at: str | None = None
     stream_shards: list[dict[str, Any]] = field(default_factory=list)  # StreamReader.shard_status()
-    sync_lag_ms: int | None = None
+    stream_throttled_requests: int = 0
+    stream_fresh_as_of: float | None = None  # what the collection holds is the table as of then
     rebuilding: str | None = None  # why the collection is being rebuilt, until the stream catches up
     caught_up: bool = False
     error: str | None = None
     error_at: str | None = None
     retries: int = 0
+
+    @property
+    def sync_lag_ms(self) -> int | None:
+        """How far behind the table the collection is now: it grows while reads fail or lag."""
+        return lag_ms(self.stream_fresh_as_of)
 
     @property
     def completion_percentage(self) -> float:
@@ -390,7 +396,7 @@ class SourcePipeline:
                 results = [r for r in waiting if isinstance(r, ReadResult)]
                 if results:
                     merged = results[0] if len(results) == 1 else ReadResult(
-                        [c for r in results for c in r.changes], results[-1].position, results[-1].caught_up, results[-1].lag_ms)
+                        [c for r in results for c in r.changes], results[-1].position, results[-1].caught_up, results[-1].fresh_as_of)
                     checkpoint = await self._apply_round(reader, merged, checkpoint)
                 if len(results) < len(waiting):
                     raise waiting[-1]  # the reader stops at its first error
@@ -410,7 +416,8 @@ class SourcePipeline:
         if result.changes:
             self.status.stream_last_processed_at = _now_iso()
         self.status.stream_shards = reader.shard_status()
-        self.status.sync_lag_ms = result.lag_ms
+        self.status.stream_fresh_as_of = result.fresh_as_of
+        self.status.stream_throttled_requests = reader.throttled_requests
         self.status.error = None  # the source answered: a lasting fault keeps its backoff until then
         if result.caught_up:
             self.status.caught_up = True

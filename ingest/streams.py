@@ -73,6 +73,11 @@ class StreamEnded(Exception):
     """The stream was disabled and every shard has been read to its end."""
 
 
+def lag_ms(fresh_as_of: float | None) -> int | None:
+    """How far behind the table a view read up to `fresh_as_of` is, now."""
+    return None if fresh_as_of is None else max(0, int((time.time() - fresh_as_of) * 1000))
+
+
 def idle_wait(poll_s: float, empty_reads: int) -> float:
     """The wait before reading a shard again after `empty_reads` empty reads in a row: the poll
     interval, doubling, capped at a few poll intervals and at IDLE_WAIT_CAP_S (never below
@@ -111,7 +116,7 @@ class ReadResult:
     changes: list[Change]
     position: dict[str, Any]  # covers exactly `changes` (and everything before)
     caught_up: bool  # every readable shard's last read found nothing new
-    lag_ms: int | None  # the slowest readable shard: now minus its last record's creation time
+    fresh_as_of: float | None  # the least fresh readable shard's (`Shard.fresh_as_of`)
 
 
 @dataclass
@@ -125,7 +130,9 @@ class Shard:
     empty_reads: int = 0
     throttles: int = 0
     at_tip: bool = False
-    lag_ms: int | None = None
+    # Epoch seconds the shard's changes are read up to: its last record's creation time, or
+    # when it was last found at its tip. What the lag counts from, even while reads fail.
+    fresh_as_of: float | None = None
 
 
 @dataclass
@@ -181,7 +188,7 @@ class ShardRounds:
                 changes.extend(self._take(shard_id, page))
                 changed = changed or bool(page.records) or page.ended
         self._refresh_verified(changed)
-        return ReadResult(changes, copy.deepcopy(self.position), self._caught_up(), self._lag_ms())
+        return ReadResult(changes, copy.deepcopy(self.position), self._caught_up(), self._fresh_as_of())
 
     def shard_status(self) -> list[dict[str, Any]]:
         """Per listed shard: where the reader is, for the collection's status."""
@@ -193,7 +200,7 @@ class ShardRounds:
                 **({"adjacent_parent_shard_id": shard.parents[1]} if len(shard.parents) > 1 else {}),
                 "last_sequence_number": states[shard_id]["seq"],
                 "done": states[shard_id]["done"],
-                "lag_ms": shard.lag_ms,
+                "lag_ms": lag_ms(shard.fresh_as_of),
             }
             for shard_id, shard in self._shards.items()
         ]
@@ -237,9 +244,9 @@ class ShardRounds:
         readable = self._readable()  # none while a finished parent's children are not listed yet
         return bool(readable) and all(self._shards[shard_id].at_tip for shard_id in readable)
 
-    def _lag_ms(self) -> int | None:
-        lags = [self._shards[s].lag_ms for s in self._readable() if self._shards[s].lag_ms is not None]
-        return max(lags) if lags else None
+    def _fresh_as_of(self) -> float | None:
+        times = [self._shards[s].fresh_as_of for s in self._readable() if self._shards[s].fresh_as_of is not None]
+        return min(times) if times else None
 
     def _refresh_verified(self, changed: bool) -> None:
         """Stamp the position with its listing's time when it is saved anyway, and at least
@@ -405,11 +412,11 @@ class StreamReader(ShardRounds):
             ) >= FULL_PAGE_BYTES
             shard.due = now if full else now + self.poll_interval_s
             shard.empty_reads, shard.at_tip = 0, False
-            shard.lag_ms = max(0, int(time.time() * 1000 - changes[-1].event_time_us / 1000))
+            shard.fresh_as_of = changes[-1].event_time_us / 1_000_000
         else:
             shard.empty_reads += 1
             shard.due = now + idle_wait(self.poll_interval_s, shard.empty_reads)
-            shard.at_tip, shard.lag_ms = True, 0
+            shard.at_tip, shard.fresh_as_of = True, time.time()
         if page.ended:
             state["done"] = True
             self._list_due = now  # its children are listed by now

@@ -265,6 +265,7 @@ def collection_json(spec: CollectionSpec, status: SourceStatus, doc_count: int, 
                         "state": status.state,
                         "stream_last_processed_at": status.stream_last_processed_at,
                         "stream_shards": status.stream_shards,
+                        "stream_throttled_requests": status.stream_throttled_requests,
                     },
                 },
                 "status": {

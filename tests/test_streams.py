@@ -25,7 +25,7 @@ from aiobotocore.config import AioConfig
 from shoal.index.collection import Change, Collection
 from shoal.ingest.aws import AwsAccess
 from shoal.ingest.pipeline import SourceConfig, SourcePipeline
-from shoal.ingest.streams import ReadResult, StreamEnded, StreamReader, StreamTrimmed, idle_wait
+from shoal.ingest.streams import ReadResult, StreamEnded, StreamReader, StreamTrimmed, idle_wait, lag_ms
 from streams_double import StreamsDouble
 from support import Dynamo, ShoalProcess, compare_collection, wait_until
 
@@ -326,6 +326,29 @@ async def test_records_trimmed_from_before_the_bulk_load_lose_nothing(double: St
         # Not when the bulk load may not hold what was trimmed: it is older than the retention.
         with pytest.raises(StreamTrimmed, match="trimmed past the saved position"):
             await read_until(reader(time.time() - 25 * 3600, after_ten), lambda rounds: False)
+
+
+async def test_the_lag_grows_while_a_shard_cannot_be_read(double: StreamsDouble):
+    """The lag counts from the time a shard is read up to, so a shard whose reads keep failing
+    (here every iterator expires) shows a growing lag rather than its last good figure."""
+    arn = double.create_stream("t", KEY_SCHEMA)
+    filed = Filed(double, arn)
+    for i in range(10):
+        filed.put(f"k{i}", i)
+    async with streams_client(double) as client:
+        reader = stream_reader(client, arn)
+        rounds = await read_until(reader, count_is(10))
+        assert lag_ms(rounds[-1].fresh_as_of) < 1000, rounds[-1]
+        double.expire_every(1)
+        filed.put("k0", 100)
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:
+            rounds.append(await reader.read())
+        assert "k0" not in {c.id for c in rounds[-1].changes}
+        assert lag_ms(rounds[-1].fresh_as_of) >= 1400 and reader.shard_status()[0]["lag_ms"] >= 1400
+        double.expire_every(None)
+        rounds = await read_until(reader, count_is(1))
+        assert lag_ms(rounds[-1].fresh_as_of) < 1000
 
 
 async def test_a_disabled_stream_is_read_to_its_end_then_reported(double: StreamsDouble):
