@@ -70,6 +70,9 @@ DEFAULT_POLL_S = 0.2
 # before it may reach the stream (and its retried duplicates later) after the scan has started.
 KINESIS_REPLAY_MARGIN_S = 60.0
 MAX_BACKOFF_S = 30.0
+# After the nth failed export (FAILED, gone, or files not as DynamoDB said), the next one
+# starts this long after it: the retries of the pipeline come much more often.
+EXPORT_RETRY_S = (0.0, 60.0, 300.0, 1800.0, 3600.0)
 # Stream rounds read ahead of the apply, and the most changes one refresh takes from them.
 READ_AHEAD_ROUNDS = 8
 MAX_CHANGES_PER_REFRESH = 20_000
@@ -296,7 +299,8 @@ class SourcePipeline:
         it, so changes made while DynamoDB exports end up applied. Checkpoint part `scan`:
         {start_time, end_time, total_records, records_processed (items of done files),
          export_time (the export's point in time, once it is known),
-         export: {bucket, prefix, arn (None until started), files, done (ranges of indexes)}}."""
+         export: {bucket, prefix, arn (None until started), files, done (ranges of indexes),
+                  failures, failed_at, failure (of the exports that failed before this one)}}."""
         bucket, table_name = self.config.s3_export_bucket, self.config.table_name
         if not bucket:
             raise SourceProblem("use_scan_api is false, so the bulk load exports the table to S3, but the "
@@ -321,22 +325,30 @@ class SourcePipeline:
             scan = {**scan, "export": export}
             await self.collection.apply([], {"phase": "scan", "stream": stream_position, "scan": scan})
 
-        async def start_over() -> None:
-            """Make the retry take a new export, from its first file: the files done were the old one's."""
+        async def start_over(problem: ExportProblem) -> None:
+            """Make the retry take a new export, from its first file (the files done were the old
+            one's), once EXPORT_RETRY_S of this problem's count has passed."""
             nonlocal scan, export
-            export = {"bucket": export["bucket"], "prefix": export_prefix(table_name), "arn": None}
+            failures = export.get("failures", 0) + 1
+            export = {"bucket": export["bucket"], "prefix": export_prefix(table_name), "arn": None,
+                      "failures": failures, "failed_at": time.time(), "failure": str(problem)}
             scan = {**scan, "records_processed": 0, "export": export}
             await self.collection.apply([], {"phase": "scan", "stream": stream_position, "scan": scan})
 
         async with self.access.client("dynamodb", self.config.region) as dynamodb, \
                 self.access.client("s3", self.config.region) as s3:
             if export["arn"] is None:
+                if export.get("failures"):
+                    next_at = export["failed_at"] + EXPORT_RETRY_S[min(export["failures"], len(EXPORT_RETRY_S)) - 1]
+                    if time.time() < next_at:  # an export is billed by the table's size: not every few seconds
+                        raise ExportProblem(f"{export['failure']}. Export {export['failures']} of the table failed; "
+                                            f"the next one starts at {_iso(datetime.fromtimestamp(next_at, timezone.utc))}")
                 await ensure_point_in_time_recovery(dynamodb, table_name)
                 await save(arn=await start_export(dynamodb, table["TableArn"], export["bucket"], export["prefix"]))
             try:
                 description = await wait_for_export(dynamodb, export["arn"])
-            except ExportProblem:
-                await start_over()
+            except ExportProblem as problem:
+                await start_over(problem)
                 raise
             if description.get("ExportTime") is not None:  # the table's state the files hold
                 scan = {**scan, "export_time": _iso(description["ExportTime"])}
@@ -365,9 +377,10 @@ class SourcePipeline:
             loader = ExportLoader(s3_chunks(s3, export["bucket"]), export_decoder(key_names, table_name))
             await loader.run(((i, file) for i, file in enumerate(files) if i not in done), apply_batches)
         if total is not None and scan["records_processed"] != total:
-            held = scan["records_processed"]
-            await start_over()  # reading the same files again would find the same
-            raise ExportProblem(f"the export's files hold {held} items, but DynamoDB says it exported {total}")
+            problem = ExportProblem(f"the export's files hold {scan['records_processed']} items, "
+                                    f"but DynamoDB says it exported {total}")
+            await start_over(problem)  # reading the same files again would find the same
+            raise problem
         scan = {**scan, "end_time": _now_iso()}
         checkpoint = {"phase": "stream", "stream": stream_position, "scan": scan}
         await self.collection.apply([], checkpoint)

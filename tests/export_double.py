@@ -18,6 +18,7 @@ its one `endpoint_url`. On top it models, in the real wire format:
   thread) when the export is asked for, before the table is read.
 * **Exports that go.** `forget_exports()` makes DescribeExport answer
   `ExportNotFoundException` for every real-layout export so far, as for an expired one.
+  `fail_exports = (code, message)` makes every export end FAILED with that FailureCode.
   `export_time_lag_s` dates a real-layout export's `ExportTime` that long before the request
   (an export of an earlier point in time).
 * **Permissions.** `deny_pitr_update` answers UpdateContinuousBackups with HTTP 400
@@ -67,6 +68,7 @@ class ExportDouble(LoopbackServer):
         self._held = threading.Event()
         self._blocked_part: str | None = None
         self.export_time_lag_s = 0.0
+        self.fail_exports: tuple[str, str] | None = None
         self._exports: dict[str, dict[str, Any]] = {}  # real-layout exports by ARN
         self._forgotten: set[str] = set()
 
@@ -150,6 +152,9 @@ class ExportDouble(LoopbackServer):
             if status != 200:
                 return web.Response(status=status, body=answer, headers=headers)
             description = orjson.loads(answer)
+        if description["ExportDescription"]["ExportStatus"] == "COMPLETED" and self.fail_exports:
+            code, message = self.fail_exports
+            description["ExportDescription"].update(ExportStatus="FAILED", FailureCode=code, FailureMessage=message)
         if description["ExportDescription"]["ExportStatus"] == "COMPLETED":
             self.completed_seen += 1
             if self._held.is_set():

@@ -10,6 +10,7 @@ come from the items written here (`compare_collection`), never from Shoal's own 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
@@ -449,3 +450,23 @@ async def test_the_stream_is_replayed_from_the_exports_point_in_time(
     changes = [Change("after the export", None, now_us - 300_000_000, meta),
                Change("before the export", None, now_us - 900_000_000, meta)]
     assert [c.id for c in _after_bulk_load_began(changes, saved_checkpoint(shoal))] == ["after the export"]
+
+
+async def test_a_failing_export_is_not_started_again_and_again(moto_server, table, table_name, bucket, shoal: ShoalProcess):
+    """An export is billed by the table's size: after a failed one the next starts at once, and
+    after that only minutes later (EXPORT_RETRY_S), whatever the pipeline's own retries; the
+    status says why it failed and when the next one starts."""
+    with ExportDouble(moto_server) as double:
+        double.fail_exports = ("S3NoSuchBucket", "The specified bucket does not exist")
+        await start_export_collection(shoal, double.url, table_name, bucket)
+
+        async def waiting():
+            health = source(await shoal.get_collection(COLL))["status"]
+            return health if "the next one starts at" in (health["message"] or "") else None
+        health = await wait_until(waiting, 30, 0.1, "the export's failure", describe=lambda: shoal.get_collection(COLL))
+        assert "S3NoSuchBucket: The specified bucket does not exist" in health["message"], health
+        assert "Export 2 of the table failed" in health["message"], health
+        retries = health["retries"]
+        await asyncio.sleep(6)  # the pipeline retries after 1, 2, 4 s ...
+        assert source(await shoal.get_collection(COLL))["status"]["retries"] > retries
+        assert double.exports_started == 2
