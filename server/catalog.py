@@ -39,6 +39,9 @@ from .specs import (
 
 log = logging.getLogger(__name__)
 
+# Collections reading one DynamoDB stream: DynamoDB throttles more than two readers of a shard.
+MAX_READERS_PER_STREAM = 2
+
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -168,6 +171,12 @@ class Catalog:
             if not spec.source.use_scan_api and not integration.s3_export_bucket_name:
                 raise invalid(f"use_scan_api false loads the table by an export to S3: integration "
                               f"'{integration.name}' needs an s3_export_bucket_name")
+            readers = self._stream_readers(spec)
+            if len(readers) >= MAX_READERS_PER_STREAM:
+                raise invalid(
+                    f"collections {' and '.join(readers)} already read the DynamoDB stream of table "
+                    f"'{spec.source.table_name}', and DynamoDB throttles a third reader of a shard: query those, "
+                    "or give this collection a Kinesis data stream of the table (kinesis_stream_arn)")
             directory = self._collection_dir(spec.workspace, spec.name)
             if directory.exists():  # left over from a delete interrupted by a crash
                 await asyncio.to_thread(shutil.rmtree, directory)
@@ -177,6 +186,15 @@ class Catalog:
             self.collections[(spec.workspace, spec.name)] = live
             self._start_ingest(live)
             return live
+
+    def _stream_readers(self, spec: CollectionSpec) -> list[str]:
+        """The collections that read the DynamoDB stream `spec` would read (same integration,
+        region and table; a Kinesis source reads no DynamoDB stream)."""
+        if spec.source.kinesis_stream_arn:
+            return []
+        return [f"{ws}.{name}" for (ws, name), live in self.collections.items()
+                if not live.spec.source.kinesis_stream_arn and live.spec.integration_name == spec.integration_name
+                and (live.spec.source.region, live.spec.source.table_name) == (spec.source.region, spec.source.table_name)]
 
     async def delete_collection(self, workspace: str, name: str) -> LiveCollection:
         async with self._lock:

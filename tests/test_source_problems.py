@@ -319,3 +319,21 @@ async def test_transient_faults_are_retried_with_backoff(faulty: FaultyDynamo, d
     assert 1 <= faulty.failed[operation] <= 16, faulty.failed
     status = await source_status(shoal)
     assert status["retries"] >= 1 and status["last_error_at"], status
+
+
+async def test_a_third_collection_on_one_stream_is_refused(ddb: Dynamo, moto_server: str, table_name: str,
+                                                          shoal: ShoalProcess):
+    """DynamoDB throttles a third reader of a stream's shard: two collections may follow one
+    table's stream, a third is refused with what to do instead; once one is deleted, it may."""
+    ddb.create_table(table_name)
+    await shoal.create_integration("source", moto_server)
+    for name in ("one", "two"):
+        await shoal.create_collection(name, "source", table_name)
+    body = {"name": "three", "sources": [{"integration_name": "source",
+                                          "dynamodb": {"table_name": table_name, "aws_region": "us-east-1"}}]}
+    status, answer = await shoal.api("POST", "/v1/orgs/self/ws/commons/collections", body)
+    assert status == 400 and answer["type"] == "INVALID_INPUT", answer
+    assert "commons.one and commons.two already read" in answer["message"] and "kinesis_stream_arn" in answer["message"]
+    status, _ = await shoal.api("DELETE", "/v1/orgs/self/ws/commons/collections/two")
+    assert status == 200
+    await shoal.create_collection("three", "source", table_name)
