@@ -61,7 +61,7 @@ from .scan import (
     segments_for,
 )
 from .kinesis import KinesisReader
-from .streams import ReadResult, StreamReader, StreamTrimmed, lag_ms
+from .streams import RETENTION_MARGIN_S, RETENTION_S, ReadResult, StreamReader, StreamTrimmed, lag_ms
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class SourcePipeline:
             try:
                 await self._follow_stream(reader, checkpoint)
             except StreamTrimmed as trimmed:
-                self._rebuilding(str(trimmed))
+                self._rebuilding(str(trimmed) + _advice_if_slower_than_the_stream(checkpoint))
                 bulk_started = time.time()
                 checkpoint = await self._bulk_load(table, key_names, stream_arn)
                 await self._remove_unscanned(self._with_replay_start(checkpoint, bulk_started))  # then the next round
@@ -462,6 +462,20 @@ class SourcePipeline:
         if unscanned:
             log.info("removed %d documents of %s the bulk load did not see", len(unscanned), self.config.table_name)
         return checkpoint
+
+
+def _advice_if_slower_than_the_stream(checkpoint: dict) -> str:
+    """What to change when the last bulk load took longer than a DynamoDB stream keeps changes:
+    the stream was trimmed before it was read, and every rebuild would end the same way."""
+    scan = checkpoint.get("scan", {})
+    if not scan.get("start_time") or not scan.get("end_time"):
+        return ""
+    took = (datetime.fromisoformat(scan["end_time"]) - datetime.fromisoformat(scan["start_time"])).total_seconds()
+    if took < RETENTION_S - RETENTION_MARGIN_S:
+        return ""
+    return (f". The bulk load took {took / 3600:.1f} hours, longer than the stream keeps changes (24 hours), so a "
+            "rebuild would end the same way: give the collection a larger rcu budget, or load by export to S3 "
+            "(use_scan_api false)")
 
 
 def _written_before_scan(snapshot: Snapshot, scan_start: datetime) -> list[str]:

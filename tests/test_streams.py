@@ -24,7 +24,7 @@ from aiobotocore.config import AioConfig
 
 from shoal.index.collection import Change, Collection
 from shoal.ingest.aws import AwsAccess
-from shoal.ingest.pipeline import SourceConfig, SourcePipeline
+from shoal.ingest.pipeline import SourceConfig, SourcePipeline, _advice_if_slower_than_the_stream
 from shoal.ingest.streams import ReadResult, StreamEnded, StreamReader, StreamTrimmed, idle_wait, lag_ms
 from streams_double import StreamsDouble
 from support import Dynamo, ShoalProcess, compare_collection, wait_until
@@ -628,6 +628,17 @@ async def test_a_new_stream_arn_rebuilds_the_collection(mirrored: StreamsDouble,
     coll = await shoal.wait_ready(COLL, timeout=20)
     assert [s["shard_id"] for s in coll["sources"][0]["dynamodb"]["status"]["stream_shards"]] == \
         mirrored.open_shards(new_arn)
+
+
+def test_a_bulk_load_slower_than_the_stream_says_what_to_change():
+    """A bulk load longer than the stream keeps changes is trimmed past before it is read: the
+    rebuild's status says so and what to change, or it would go round forever unexplained."""
+    def scan(hours: float) -> dict:
+        return {"scan": {"start_time": "2026-11-01T00:00:00.000Z",
+                         "end_time": datetime.fromtimestamp(1793491200 + hours * 3600, timezone.utc).isoformat()}}
+    assert _advice_if_slower_than_the_stream(scan(2)) == ""
+    advice = _advice_if_slower_than_the_stream(scan(30))
+    assert "took 30.0 hours" in advice and "larger rcu budget" in advice and "use_scan_api false" in advice
 
 
 def test_the_replay_skips_changes_the_bulk_load_already_holds():
