@@ -2,7 +2,8 @@
 
 `ParallelScan` runs one reader task per unfinished segment (`Segment`/`TotalSegments`,
 strongly consistent, as Rockset's were: no write DynamoDB acknowledged before the scan reached
-an item is missed) and one writer task. Readers put pages on a bounded queue; the writer takes
+an item is missed) and one writer task. Readers put pages on a queue, at most MAX_PAGES_HELD
+read and not yet applied among them (memory stays bounded whatever the segments); the writer takes
 whatever pages are waiting, hands their items to `on_batch` together with the `ScanProgress`
 that covers exactly those pages (each segment's `LastEvaluatedKey` after its last page in the
 batch), and only then counts them as done. A page a reader holds, or one still queued, is in
@@ -54,6 +55,9 @@ DEFAULT_ON_DEMAND_RCU = 1000
 
 # A batch handed to the collection: one refresh, so not too large.
 MAX_BATCH_ITEMS = 5000
+# Pages read and not yet applied, at most (up to 1 MB and 1,000 items each, several times that
+# as Python values): what a scan holds in memory when applying is slower than reading.
+MAX_PAGES_HELD = 24
 
 
 def default_rcu_budget(table: dict[str, Any]) -> int:
@@ -378,6 +382,7 @@ class ParallelScan:
         self.controller = controller
         self.progress = progress  # what the batches handed to `on_batch` so far cover
         self._queue: asyncio.Queue[ScanPage] = asyncio.Queue()
+        self._pages_held = asyncio.Semaphore(MAX_PAGES_HELD)  # taken before a page is read, given back once applied
 
     async def run(self, on_batch: Callable[[list[Item], ScanProgress], Awaitable[None]]) -> None:
         """Read every unfinished segment; `on_batch(items, progress)` must persist `items`
@@ -385,7 +390,6 @@ class ParallelScan:
         pending = [index for index, segment in enumerate(self.progress.segments) if not segment.done]
         if not pending:
             return
-        self._queue = asyncio.Queue(maxsize=2 * len(pending))
         self.controller.readers = len(pending)
         try:
             async with asyncio.TaskGroup() as group:
@@ -405,6 +409,7 @@ class ParallelScan:
         }
         key = start_key
         while True:
+            await self._pages_held.acquire()
             page, reservation, throttles = await self._read_page(request, key)
             consumed = (page.get("ConsumedCapacity") or {}).get("CapacityUnits")
             items = page.get("Items", [])
@@ -442,4 +447,6 @@ class ParallelScan:
             progress = self.progress.advanced(pages)
             await on_batch([item for page in pages for item in page.items], progress)
             self.progress = progress
+            for _ in pages:
+                self._pages_held.release()
             finished += sum(page.next_key is None for page in pages)

@@ -10,6 +10,7 @@ from what the proxy measured, never from Shoal's own account.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -20,6 +21,7 @@ import pytest
 
 from shoal.ingest.aws import AwsAccess
 from shoal.ingest.scan import (
+    MAX_PAGES_HELD,
     SCAN_CLIENT_CONFIG,
     ParallelScan,
     ScanPage,
@@ -228,6 +230,27 @@ async def test_scan_holds_budget_and_hands_over_each_item_once(moto_server, tabl
     assert achieved <= budget * 1.05, f"over budget: {achieved:.1f} RCU/s"
     assert achieved >= budget * 0.7, f"the scan left most of its budget unused: {achieved:.1f} RCU/s"
     assert max_window_rate(proxy.samples, 5.0) <= budget * 1.15
+
+
+async def test_a_slow_apply_keeps_few_pages_in_memory(moto_server, table, proxy):
+    """Applying slower than 64 segments read: the scan reads at most MAX_PAGES_HELD pages ahead
+    of what was applied (each up to 1 MB), not a page or more per segment."""
+    name, model = table
+    description = describe(moto_server, name)
+    controller = ThrottleController(UNLIMITED_RCU, rcu_per_item_guess(description))
+    received: list[dict] = []
+    read_while_applying: list[int] = []
+
+    async def slow_on_batch(items: list[dict], covered: ScanProgress) -> None:
+        if not received:
+            await asyncio.sleep(1.0)  # the first apply is slow: every segment could read meanwhile
+            read_while_applying.append(proxy.scan_requests)
+        received.extend(items)
+
+    async with access(proxy.url).client("dynamodb", "us-east-1", SCAN_CLIENT_CONFIG) as client:
+        await ParallelScan(client, name, controller, ScanProgress.start(64)).run(slow_on_batch)
+    assert_each_item_once(received, model)
+    assert proxy.scan_requests >= 64 and read_while_applying[0] <= MAX_PAGES_HELD, read_while_applying
 
 
 async def test_throttles_are_survived_counted_and_slow_the_scan(moto_server, table, proxy):
