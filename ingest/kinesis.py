@@ -8,7 +8,8 @@ covers (no KCL lease table):
     {"stream_arn": the Kinesis stream's ARN,
      "start_at": epoch seconds where a shard never read starts (AT_TIMESTAMP), or None for
                  TRIM_HORIZON; set from the time before the bulk load began,
-     "shards": {shard_id: {"seq": last Kinesis sequence number applied or None, "done": bool}},
+     "shards": {shard_id: {"seq": last Kinesis sequence number applied or None, "done": bool,
+                           "read_up_to": epoch seconds it is read up to (see `_check_shards_read_recently`)}},
      "verified_at": epoch seconds of the ListShards whose shards the position holds}
 
 Kinesis records carry no DynamoDB sequence number and may be duplicated or out of order
@@ -35,7 +36,8 @@ What Kinesis requires, and how the reader honours it:
 - Lost changes are never skipped silently: a shard of the position that is no longer listed
   before it was read to its end, or a position last confirmed longer ago than the stream's
   retention (DescribeStreamSummary `RetentionPeriodHours`), raises `StreamTrimmed`, and the
-  pipeline rebuilds the collection.
+  pipeline rebuilds the collection; so does a shard read up to longer ago than that (Kinesis
+  serves the oldest record left after a trimmed one, without an error).
 - Records of other tables (a stream can serve several) are skipped.
 """
 
@@ -49,7 +51,16 @@ import orjson
 from shoal.index.collection import Change
 
 from .decode import document_id, item_text
-from .streams import GET_RECORDS_LIMIT, RETENTION_MARGIN_S, Page, Shard, ShardRounds, idle_wait, throttle_wait
+from .streams import (
+    GET_RECORDS_LIMIT,
+    RETENTION_MARGIN_S,
+    Page,
+    Shard,
+    ShardRounds,
+    StreamTrimmed,
+    idle_wait,
+    throttle_wait,
+)
 
 LIST_INTERVAL_S = 10.0  # new shards appear when the stream is resharded
 LIST_RETRY_S = 1.0  # while no shard is readable (children not listed yet)
@@ -108,6 +119,27 @@ class KinesisReader(ShardRounds):
             summary = (await self.client.describe_stream_summary(StreamARN=self.position["stream_arn"]))
             self.retention_s = summary["StreamDescriptionSummary"]["RetentionPeriodHours"] * 3600.0
             self._check_age(self.retention_s, f"{self.retention_s / 3600:g} hours")
+        self._check_shards_read_recently()
+
+    def _check_shards_read_recently(self) -> None:
+        """Kinesis has no TrimmedDataAccessException: an iterator after a trimmed record starts at
+        the oldest one left, silently. So each shard's position says when it was read up to (its
+        last record's creation time, or when it was last at its tip), and a shard read up to
+        longer ago than the stream keeps records may have lost some: StreamTrimmed."""
+        assert self.retention_s is not None
+        for shard_id, state in self.position["shards"].items():
+            age = time.time() - state.get("read_up_to", time.time())
+            if not state["done"] and age > self.retention_s - RETENTION_MARGIN_S:
+                raise StreamTrimmed(
+                    f"Kinesis shard {shard_id} was read up to {age / 3600:.1f} hours ago and the stream keeps records "
+                    f"for {self.retention_s / 3600:g} hours, so some may have been trimmed unread")
+
+    def _refresh_verified(self, changed: bool) -> None:
+        super()._refresh_verified(changed)
+        if self.position.get("verified_at") == self._listed_at:  # saved now: how current each shard is, too
+            for shard_id, shard in self._shards.items():
+                if shard.fresh_as_of is not None:
+                    self.position["shards"][shard_id]["read_up_to"] = shard.fresh_as_of
 
     async def _list(self) -> bool:
         """ListShards (paginated): the shards, their parents, and where closed ones end."""
@@ -187,7 +219,7 @@ class KinesisReader(ShardRounds):
             shard.due = now if full else now + self.poll_interval_s
             shard.empty_reads, shard.at_tip = 0, False
             if changes:
-                shard.fresh_as_of = max(change.event_time_us for change in changes) / 1_000_000
+                shard.fresh_as_of = state["read_up_to"] = max(change.event_time_us for change in changes) / 1_000_000
         else:
             shard.empty_reads += 1
             shard.at_tip = page.at_tip

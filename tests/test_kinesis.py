@@ -218,6 +218,12 @@ async def test_lost_records_raise_stream_trimmed(moto: str):
                     "verified_at": time.time()}
         with pytest.raises(StreamTrimmed, match="expired before it was read to its end"):
             await KinesisReader(client, vanished, ("pk",), "t", 0.01).read()
+        # Listed lately, but a shard read up to longer ago than the stream keeps records.
+        [shard] = [s["ShardId"] for s in boto("kinesis", moto).list_shards(StreamARN=arn)["Shards"]]
+        behind = {"stream_arn": arn, "start_at": None, "verified_at": time.time(),
+                  "shards": {shard: {"seq": "5", "done": False, "read_up_to": time.time() - 25 * 3600}}}
+        with pytest.raises(StreamTrimmed, match=f"{shard} was read up to 25.0 hours ago"):
+            await KinesisReader(client, behind, ("pk",), "t", 0.01).read()
 
 
 # --------------------------------------------------------------------------- through Shoal
