@@ -87,8 +87,12 @@ class TextSearcher:
     def search(self, predicates: Iterable[TextPredicate], limit: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Row ids and BM25 scores of the documents matching every predicate, best first;
         all of them, or the best `limit`."""
+        if limit == 0:
+            return np.empty(0, np.int64), np.empty(0, np.float64)  # tantivy panics on a top 0
         query = _all([self._query(p) for p in predicates])
-        wanted = limit if limit is not None else max(1, self._searcher.num_docs)
+        # tantivy allocates room for `wanted` hits up front: never more than there are documents.
+        documents = self._searcher.num_docs
+        wanted = max(1, documents if limit is None else min(limit, documents))
         hits = self._searcher.search(query, wanted, count=False).hits
         rowids = self._searcher.fast_field_values("_rowid", [address for _, address in hits])
         return np.array(rowids, np.int64), np.array([score for score, _ in hits], np.float64)

@@ -75,7 +75,7 @@ class QueryRunner:
                 f"{len(self._running)} queries are running or waiting, the most this server takes: retry later",
             )
         self._running.add(liveness)
-        future = asyncio.get_running_loop().run_in_executor(self._pool, work)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, _as_exception(work))
         future.add_done_callback(lambda done: self._finished(done, liveness))
         try:
             remaining = liveness.deadline - time.perf_counter()
@@ -100,6 +100,22 @@ class QueryRunner:
         """Stop every query still running (the server is shutting down) and wait for the threads."""
         self.cancel_all()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+
+
+def _as_exception(work: Callable[[], T]) -> Callable[[], T]:
+    """`work`, raising a failure that is no Exception (pyo3's PanicException: a Rust panic in
+    tantivy or DataFusion) as a RuntimeError: aiohttp would drop the connection, where the
+    error middleware answers a JSON 500 and logs it with its cause."""
+
+    def run() -> T:
+        try:
+            return work()
+        except Exception:
+            raise
+        except BaseException as error:
+            raise RuntimeError(f"the query's thread failed: {error!r}") from error
+
+    return run
 
 
 QUERY_RUNNER = web.AppKey("query_runner", QueryRunner)
@@ -330,13 +346,19 @@ async def post_query(request: web.Request) -> web.Response:
 
 @routes.get("/v1/orgs/self/queries/{query_id}/pages/{cursor}")
 async def get_page(request: web.Request) -> web.Response:
-    cursor = request.match_info["cursor"]
-    if not cursor.isdigit():
-        raise invalid(f"cursor {cursor!r} is not one this server gave out")
-    docs = request.query.get("docs", str(DEFAULT_ROW_LIMIT))
-    if not docs.isdigit() or int(docs) < 1:
+    cursor = _row_number(request.match_info["cursor"])
+    if cursor is None:
+        raise invalid(f"cursor {request.match_info['cursor']!r} is not one this server gave out")
+    docs = _row_number(request.query.get("docs", str(DEFAULT_ROW_LIMIT)))
+    if not docs:
         raise invalid("docs must be a positive integer")
-    count = min(int(docs), MAX_ROW_LIMIT)
-    table, total = request.app[RESULT_PAGES].page(request.match_info["query_id"], int(cursor), count)
+    count = min(docs, MAX_ROW_LIMIT)
+    table, total = request.app[RESULT_PAGES].page(request.match_info["query_id"], cursor, count)
     rows = await asyncio.to_thread(rows_of, table)  # off the event loop, as `run_sql` renders
-    return respond({"results": rows, "pagination": _pagination(int(cursor), count, total)})
+    return respond({"results": rows, "pagination": _pagination(cursor, count, total)})
+
+
+def _row_number(text: str) -> int | None:
+    """`text` as a count or offset of rows, if written as one: ASCII digits (isdigit() also
+    takes '²', which int() refuses), at most 18 of them (Arrow's offsets are int64)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None

@@ -14,7 +14,10 @@ query is past its deadline or cancelled: every collection is registered behind a
 that calls it on each batch of at most `BATCH_ROWS` rows, and the planner adds it above
 every join and table function (`PreparedQuery.checks`), where a cross join's work happens.
 The view costs ~1 ms per million rows scanned (a call returns a slice of one shared array);
-batches of 8,192 rows made it ~5 times that, batches of 262,144 were no cheaper.
+batches of 8,192 rows made it ~5 times that, batches of 262,144 were no cheaper. What the
+check cannot reach, the planner bounds before any work: the query's size and nesting
+(DataFusion's planning cannot be interrupted) and the values that functions such as
+`repeat` or `range` build whole (`MAX_BUILT_SIZE`; the memory pool does not see them).
 A query gets its own memory pool (`memory_bytes`, no spilling to disk): hash tables,
 sorts and aggregates beyond it fail with `ResourcesExceeded`, the server lives on. The
 answer is capped at `row_limit` rows and `max_result_bytes`. Each query runs on one

@@ -27,7 +27,7 @@ from sqlglot import exp
 from shoal.index.collection import Change, item_name, stored_name
 from shoal.index.items import ItemDecoder, encode_item
 
-from .planner import QueryError, parse_single_query
+from .planner import QueryError, check_built_sizes, parse_single_query
 
 INPUT = "_input"
 _READ_ONLY = SQLOptions().with_allow_ddl(False).with_allow_dml(False).with_allow_statements(False)
@@ -53,6 +53,7 @@ class FieldMapping:
         )
         if not keeps_id:
             raise QueryError("a field mapping must keep _id unchanged: SELECT *, ... or SELECT _id, ... FROM _input")
+        check_built_sizes(tree)  # it runs on every refresh, where nothing could stop it
         self.sql = sql
         self._named_fields = {column.parts[0].name for column in tree.find_all(exp.Column)}
         system = sorted(name for name in self._named_fields - {"_id"} if stored_name(name) != name)

@@ -1,7 +1,9 @@
 """From the text a user sent to SQL that DataFusion runs: validation, parameters, rewrites.
 
 sqlglot parses the query once (PostgreSQL dialect, the closest to DataFusion's) so that we
-can refuse anything but a single read-only query before DataFusion sees it, find the
+can refuse anything but a single read-only query before DataFusion sees it (and any query
+too big to plan or whose functions would build values too big, as nothing stops that
+work once started), find the
 collections it reads (`workspace.collection`; a bare name means workspace `commons`),
 bind `:name` parameters as typed literals (never by pasting text), plan `SEARCH(...)`
 predicates for the text index, and rewrite what needs the collection schemas: `typeof(x)`
@@ -13,6 +15,7 @@ them.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -21,10 +24,9 @@ from typing import Any, Callable
 
 import orjson
 import pyarrow as pa
-import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.postgres import Postgres
-from sqlglot.errors import ParseError
+from sqlglot.errors import ParseError, TokenError
 from sqlglot.tokens import TokenType
 
 from shoal.index.collection import SCORE_COLUMN
@@ -121,7 +123,9 @@ class _PlanCache:
     Parsing and rewriting cost about a millisecond, more than a selective search itself, and
     dashboards send the same statements again and again. A plan depends only on the text,
     the parameters and the schemas it looked up, so a hit is checked against the current
-    schemas (a collection whose schema grew is planned again)."""
+    schemas (a collection whose schema grew is planned again). Only plans of up to
+    `MAX_CACHED_CHARS` (text, parameters and rewritten SQL) are kept: the cache stays within
+    tens of MiB, and long texts are rarely sent twice."""
 
     def __init__(self, size: int) -> None:
         self._size = size
@@ -146,6 +150,8 @@ class _PlanCache:
             return schema
 
         prepared = _prepare(query, parameters, recording_schema_of)
+        if len(query) + len(key[1]) + len(prepared.sql) > MAX_CACHED_CHARS:
+            return prepared
         with self._lock:
             self._plans[key] = (prepared, tuple(looked_up.items()))
             while len(self._plans) > self._size:
@@ -153,12 +159,16 @@ class _PlanCache:
         return prepared
 
 
+MAX_CACHED_CHARS = 64 * 1024
 _PLANS = _PlanCache(512)
 
 
 def prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLookup) -> PreparedQuery:
     """Validate `query`, bind `parameters`, rewrite what DataFusion cannot say itself."""
-    return _PLANS.prepare(query, parameters, schema_of)
+    try:
+        return _PLANS.prepare(query, parameters, schema_of)
+    except RecursionError:  # sqlglot also writes SQL recursively: `a.b.c...` costs frames per level
+        raise QueryError(_TOO_DEEP) from None
 
 
 def _prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLookup) -> PreparedQuery:
@@ -169,6 +179,7 @@ def _prepare(query: str, parameters: list[dict[str, Any]], schema_of: SchemaLook
         if schema_of(workspace, name) is None:
             raise QueryError(f"collection '{workspace}.{name}' does not exist")
     changed |= _bind_parameters(tree, parameters)
+    check_built_sizes(tree)
     names = _output_names(tree)
     searches = _plan_searches(tree, schema_of)
     changed |= bool(searches)
@@ -215,11 +226,30 @@ def _keep_output_names(tree: exp.Expression, names: dict[int, str]) -> None:
                 column.replace(exp.alias_(column.copy(), original, quoted=True))
 
 
+# Limits far beyond any real query, on work nothing can interrupt: sqlglot takes ~1 s to
+# tokenize and parse 100,000 tokens, and DataFusion's planning grows with the square of an
+# expression's depth (`SELECT 1+1+...+1` of 4,000 terms: 15 s) and overflows the thread's
+# stack, killing the server, past ~10,000 levels.
+MAX_QUERY_CHARS = 256 * 1024
+MAX_QUERY_TOKENS = 10_000
+MAX_QUERY_DEPTH = 256
+_TOO_DEEP = "the query nests parentheses, subqueries or paths too deeply"
+
+
 def parse_single_query(query: str) -> exp.Expression:
     if not query.strip():
         raise QueryError("query is empty")
+    if len(query) > MAX_QUERY_CHARS:
+        raise QueryError(f"the query is longer than {MAX_QUERY_CHARS:,} characters")
+    dialect = _DIALECT()
     try:
-        statements = [s for s in sqlglot.parse(query, read=_DIALECT) if s is not None]
+        tokens = dialect.tokenize(query)
+    except TokenError as error:
+        raise QueryError(f"syntax error: {error}") from None
+    if len(tokens) > MAX_QUERY_TOKENS:
+        raise QueryError(f"the query has more than {MAX_QUERY_TOKENS:,} tokens (names, values, operators)")
+    try:
+        statements = [s for s in dialect.parser().parse(tokens, query) if s is not None]
     except ParseError as error:
         first = error.errors[0] if error.errors else {}
         raise QueryError(
@@ -227,48 +257,81 @@ def parse_single_query(query: str) -> exp.Expression:
             first.get("line"),
             first.get("col"),
         ) from None
+    except RecursionError:  # sqlglot parses nested parentheses and subqueries recursively
+        raise QueryError(_TOO_DEEP) from None
     if len(statements) != 1:
         raise QueryError("send exactly one statement")
     tree = statements[0]
     if not isinstance(tree, exp.Query):
         raise QueryError(f"only queries are allowed, not {tree.key.upper()} statements")
-    for node in tree.walk():
+    pending = [(tree, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > MAX_QUERY_DEPTH:
+            raise QueryError(
+                f"the query nests expressions more than {MAX_QUERY_DEPTH} deep: write a long OR chain as IN (...)"
+            )
         if isinstance(node, (exp.DDL, exp.DML, exp.Command, exp.Set, exp.Into)):
             raise QueryError(f"only queries are allowed, found {node.key.upper()}")
         if isinstance(node, exp.Table) and not node.name:
             _check_table_function(node.this)
+        pending.extend((child, depth + 1) for child in node.iter_expressions())
     return tree
 
 
 # The engine's liveness check (sql/engine.py `Liveness`): `_shoal_alive(TRUE)` on any rows, and
-# `_shoal_alive_N(a._id, b._id, ...)` above a join of N sources, where it names a column of
-# every side so that DataFusion cannot push it below the join, where it would not run.
+# above a join of N sides `_shoal_alive_<N letters>(...)` given a column of every side, so that
+# DataFusion cannot push it below the join, where it would not run: a collection's `_id`
+# (letter `i`), else a column `_shoal_live_<n>` that the side computes as `_shoal_alive(TRUE)`
+# (letter `r`), which `*` leaves out.
 ALIVE_FUNCTION = "_shoal_alive"
+_LIVE_COLUMN = "_shoal_live_"
 
 
 def _add_liveness_checks(tree: exp.Expression) -> dict[str, tuple[pa.DataType, ...]]:
     """Make the query check its deadline where its work is not bounded by the collections'
-    size: on the rows of every table function, and on the output of every join whose sides
-    are all collections (scans check it themselves). Returns the functions used."""
+    size: on the rows of every table function, and on the output of every join (scans check
+    it themselves). Returns the functions used."""
     checks: dict[str, tuple[pa.DataType, ...]] = {}
     cte_names = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
     for select in list(tree.find_all(exp.Select)):
-        source = select.args.get("from_")
-        if source is None:
+        if select.args.get("from_") is None:
             continue
-        sources = [source.this] + [join.this for join in select.args.get("joins") or []]
-        for table in sources:
+        for table in _from_items(select):
             if isinstance(table, exp.Table) and not table.name:
                 checked = exp.select("*").from_(exp.Table(this=_table_function_call(table.this)))
                 checked = checked.where(exp.Anonymous(this=ALIVE_FUNCTION, expressions=[exp.true()]))
                 table.replace(exp.Subquery(this=checked, alias=table.args.get("alias")))
                 checks[ALIVE_FUNCTION] = (pa.bool_(),)
-        ids = [_id_column(table, cte_names) for table in sources]
-        if len(ids) > 1 and all(ids):
-            name = f"{ALIVE_FUNCTION}_{len(ids)}"
-            checks[name] = (pa.string(),) * len(ids)
-            select.where(exp.Anonymous(this=name, expressions=ids), append=True, copy=False)
+        sides = _from_items(select)
+        if len(sides) < 2:
+            continue
+        columns = [_id_column(side, cte_names) or _checked_rows(select, side, n) for n, side in enumerate(sides)]
+        is_id = [column.name == "_id" for column in columns]
+        name = f"{ALIVE_FUNCTION}_" + "".join("i" if i else "r" for i in is_id)
+        checks[name] = tuple(pa.string() if i else pa.bool_() for i in is_id)
+        select.where(exp.Anonymous(this=name, expressions=columns), append=True, copy=False)
     return checks
+
+
+def _checked_rows(select: exp.Select, side: exp.Expression, number: int) -> exp.Column:
+    """Replace `side`, a FROM item of `select` other than a collection, by its rows with a
+    column that checks the deadline (left out of the `*` of `select`); return that column."""
+    if isinstance(side, exp.Lateral):
+        raise QueryError("LATERAL is not supported: join a subquery or use UNNEST")
+    column = _LIVE_COLUMN + str(number)
+    name = side.args["alias"].this if side.args.get("alias") else side.this if isinstance(side, exp.Table) else None
+    check = exp.alias_(exp.Anonymous(this=ALIVE_FUNCTION, expressions=[exp.true()]), column, quoted=True)
+    alias = exp.TableAlias(this=name.copy()) if name else None
+    rows = exp.Subquery(this=exp.Select(expressions=[exp.Star(), check]), alias=alias)
+    side.replace(rows)
+    rows.this.set("from_", exp.From(this=side))  # moved, not copied: later passes edit it in place
+    for expression in select.expressions:
+        qualified = isinstance(expression, exp.Column) and isinstance(expression.this, exp.Star)
+        if isinstance(expression, exp.Star) or (qualified and name is not None and expression.table == name.name):
+            star = expression.this if qualified else expression
+            star.set("except_", [*(star.args.get("except_") or []), exp.column(column, quoted=True)])
+    return exp.column(column, quoted=True)
 
 
 def _table_function_call(function: exp.Expression) -> exp.Expression:
@@ -294,15 +357,94 @@ def _id_column(source: exp.Expression, cte_names: set[str]) -> exp.Column | None
 _TABLE_FUNCTIONS = {"generate_series", "range"}
 
 
-def _check_table_function(source: exp.Expression) -> None:
+def _check_table_function(source: exp.Expression | None) -> None:
     if isinstance(source, exp.ExplodingGenerateSeries):
         return
+    if source is None:  # `ROWS FROM (...)`: sqlglot's one table source without a function
+        raise QueryError("ROWS FROM (...) is not supported")
     name = source.name if isinstance(source, exp.Anonymous) else source.key
     if name.lower() not in _TABLE_FUNCTIONS:
         raise QueryError(
             f"table function '{name}' is not allowed: queries read collections, "
             f"unnest(...) and {', '.join(sorted(_TABLE_FUNCTIONS))}(...)"
         )
+
+
+# Functions that build a value whole, of a size one argument gives (its position, or None:
+# range and generate_series outside FROM count from their bounds), outside the query's memory
+# pool and without a liveness check (`length(repeat('x', 300000000))`: 1.3 GB whatever the
+# pool; `unnest(range(100000000))`: 48 s). In FROM, range and generate_series stream rows.
+_BUILDERS = {"range": None, "generate_series": None, "repeat": 1, "lpad": 1, "rpad": 1,
+             "array_repeat": 1, "list_repeat": 1, "array_resize": 1, "list_resize": 1}
+_REPEATERS = {"repeat", "array_repeat", "list_repeat"}
+MAX_BUILT_SIZE = 1_000_000
+# Over a field's values a call runs on every row of a batch (65,536) at once, so less: a value
+# repeated at most this often, a padded or resized one at most this long (`lpad(s, 100000)`
+# over one batch: 6.5 GB, and the failed allocation aborts the process).
+MAX_REPEATS_OF_A_FIELD = 10
+MAX_BUILT_SIZE_PER_ROW = 10_000
+
+
+def check_built_sizes(tree: exp.Expression) -> None:
+    """Refuse a call that would build more than MAX_BUILT_SIZE elements or characters, given
+    what its arguments build (`repeat(repeat('x', 1000), 2000)`: 2,000,000). The size of a
+    value read from a column is not known here, and counts as 1."""
+    sizes: dict[int, int] = {}
+    for node in reversed(list(tree.walk())):  # every node after its arguments
+        size = len(node.name) if isinstance(node, exp.Literal) and node.is_string else 0
+        size += sum(sizes.get(id(child), 0) for child in node.iter_expressions())
+        name, arguments = _builder_call(node)
+        if name in _BUILDERS and not isinstance(node.parent, exp.Table):
+            size = _built_size(name, arguments, sizes)
+            if size > MAX_BUILT_SIZE:
+                raise QueryError(f"{name}(...) would build {size:,} characters or elements, more than {MAX_BUILT_SIZE:,}")
+        sizes[id(node)] = size
+
+
+def _builder_call(node: exp.Expression) -> tuple[str, list[exp.Expression]]:
+    """The function name and arguments of a call, as written ("" for sqlglot's other nodes)."""
+    if isinstance(node, exp.Anonymous):
+        return node.name.lower(), node.expressions
+    if isinstance(node, exp.ExplodingGenerateSeries):
+        return "generate_series", [node.args[k] for k in ("start", "end", "step") if node.args.get(k)]
+    if isinstance(node, exp.Repeat):
+        return "repeat", [node.this, node.args["times"]]
+    if isinstance(node, exp.Pad):
+        return "lpad" if node.args.get("is_left") else "rpad", [node.this, node.expression]
+    return "", []
+
+
+def _built_size(name: str, arguments: list[exp.Expression], sizes: dict[int, int]) -> int:
+    """How many characters or elements a call of `name` builds (1 if its size is no literal)."""
+    position = _BUILDERS[name]
+    if position is None:
+        bounds = [_integer_literal(a) for a in arguments]
+        if not bounds or None in bounds:
+            raise QueryError(f"{name}(...) outside FROM takes integer literals, e.g. {name}(1, 100); in FROM, any bounds")
+        start, stop, step = (0, bounds[0], 1) if len(bounds) == 1 else (bounds + [1])[:3]
+        if name == "generate_series":  # its stop is included
+            stop += 1 if step > 0 else -1
+        return max(0, -((start - stop) // step)) if step else 0  # DataFusion refuses a step of 0
+    if len(arguments) <= position:
+        return 1  # DataFusion says what is missing
+    count = _integer_literal(arguments[position])
+    if count is None:
+        raise QueryError(f"{name}(...) takes its size as an integer literal (or a parameter), not from the data")
+    if arguments[0].find(exp.Column) is not None:  # built from a field's values: once per row
+        most = MAX_REPEATS_OF_A_FIELD if name in _REPEATERS else MAX_BUILT_SIZE_PER_ROW
+        if count > most:
+            raise QueryError(f"{name}(...) of a field's values builds at most {most:,} "
+                             f"{'times the value' if name in _REPEATERS else 'characters or elements'} per row")
+    if name in _REPEATERS:
+        return max(0, count) * max(1, sizes.get(id(arguments[0]), 0))
+    return max(0, count)
+
+
+def _integer_literal(node: exp.Expression | None) -> int | None:
+    if isinstance(node, exp.Neg):
+        value = _integer_literal(node.this)
+        return None if value is None else -value
+    return int(node.name) if isinstance(node, exp.Literal) and node.is_int else None
 
 
 # The column that joins an unnested element back to its document (see _rewrite_lateral_unnest).
@@ -384,11 +526,37 @@ def _collections(tree: exp.Expression) -> list[tuple[str, str]]:
 
 
 _PARAMETER_TYPES: dict[str, Callable[[Any], exp.Expression]] = {
-    "int": lambda v: exp.Literal.number(int(v)),
-    "float": lambda v: exp.Literal.number(repr(float(v))),
-    "string": lambda v: exp.Literal.string(str(v)),
+    "int": lambda v: exp.Literal.number(_parse_int(v)),
+    "float": lambda v: exp.Literal.number(repr(_parse_float(v))),
+    "string": lambda v: exp.Literal.string(_parse_text(v)),
     "bool": lambda v: exp.Boolean(this=_parse_bool(v)),
 }
+
+
+def _parse_int(value: Any) -> int:
+    """An int64, or its text; a float only when whole (int() would cut 1.9 to 1)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"not an int: {value!r}")
+    number = int(value)
+    if not -(2**63) <= number < 2**63:  # DataFusion would read a longer literal as a float
+        raise ValueError(f"not an int64: {value!r}")
+    return number
+
+
+def _parse_float(value: Any) -> float:
+    """A finite number, or its text: SQL has no literal for nan or inf (their text would
+    become a bare name, read as a column)."""
+    number = float(value)
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"not a finite float: {value!r}")
+    return number
+
+
+def _parse_text(value: Any) -> str:
+    """Text, or a number or bool as its text; null is refused, not bound as the text 'None'."""
+    if not isinstance(value, (str, int, float)):
+        raise ValueError(f"not a string: {value!r}")
+    return str(value)
 
 
 def _parse_bool(value: Any) -> bool:
@@ -410,7 +578,7 @@ def _bind_parameters(tree: exp.Expression, parameters: list[dict[str, Any]]) -> 
             )
         try:
             values[name] = _PARAMETER_TYPES[type_](value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise QueryError(f"parameter '{name}': {value!r} is not a valid {type_}") from None
     placeholders = list(tree.find_all(exp.Placeholder))
     for placeholder in placeholders:
@@ -633,11 +801,18 @@ def _best_only(select: exp.Select) -> int | None:
     key = order.expressions[0]
     if not key.args.get("desc") or not (isinstance(key.this, exp.Column) and key.this.name == SCORE_COLUMN):
         return None
-    count = limit.expression
-    skip = offset.expression if offset else exp.Literal.number(0)
-    if not (count.is_int and skip.is_int):
+    count = _row_count(limit.expression)
+    skip = _row_count(offset.expression) if offset else 0
+    if count is None or skip is None:
         return None
-    return int(count.name) + int(skip.name)
+    return count + skip
+
+
+def _row_count(node: exp.Expression | None) -> int | None:
+    """The value of a LIMIT or OFFSET that is an integer literal DataFusion takes (0 to
+    2^63-1), else None: DataFusion judges the rest (`LIMIT -1` is a Neg, whose `name` is 1)."""
+    count = _integer_literal(node)
+    return count if count is not None and 0 <= count < 2**63 else None
 
 
 def _direct_search(tree: exp.Expression, searches: list[Search]) -> DirectSearch | None:
@@ -655,7 +830,8 @@ def _direct_search(tree: exp.Expression, searches: list[Search]) -> DirectSearch
         keys = order.expressions
         if len(keys) != 1 or not keys[0].args.get("desc") or not _is_column(keys[0].this, SCORE_COLUMN, ""):
             return None
-    if limit is not None and not limit.expression.is_int:
+    count = _row_count(limit.expression) if limit is not None else None
+    if limit is not None and count is None:
         return None
     alias = source.this.alias_or_name
     columns = []
@@ -668,7 +844,7 @@ def _direct_search(tree: exp.Expression, searches: list[Search]) -> DirectSearch
         columns.append((column.name, expression.alias if isinstance(expression, exp.Alias) else column.name))
     if len({output for _, output in columns}) != len(columns):
         return None  # DataFusion refuses duplicate output names; let it say so
-    return DirectSearch(tuple(columns), order is not None, int(limit.expression.name) if limit is not None else None)
+    return DirectSearch(tuple(columns), order is not None, count)
 
 
 def _is_column(node: exp.Expression, name: str, table: str) -> bool:
@@ -689,39 +865,60 @@ def _rewrite_typed_comparisons(
     always different (`!=` is true unless the value is null). For a mixed field each member of
     the literal's kind is compared on its own (`union_extract`); a plain column of another kind
     compares as a constant. DataFusion alone would cast the literal or the column, so
-    `x = 10` would match '10' or fail on 'abc'. `x IN (literals)` is read as ORed equalities.
+    `x = 10` would match '10' or fail on 'abc'. `x IN (literals)` compares the literals of
+    each kind as one list.
     """
     changed = False
     for node in list(tree.find_all(exp.In)):
         values = node.expressions
         if node.args.get("query") or not values or not all(_literal_kind(v) for v in values):
             continue
-        if all(_comparison_plan(node.this, _literal_kind(v), collections, schema_of) is None for v in values):
+        by_kind: dict[str | None, list[exp.Expression]] = {}
+        for value in values:
+            by_kind.setdefault(_literal_kind(value), []).append(value)
+        if len(by_kind) < 2 or all(_comparison_plan(node.this, k, collections, schema_of) is None for k in by_kind):
             continue
-        equalities = [exp.EQ(this=node.this.copy(), expression=v.copy()) for v in values]
-        node.replace(exp.Paren(this=exp.or_(*equalities)))
+        # `x IN (10, '10')`: an IN per kind, each compared below as a whole (not as equalities
+        # ORed one by one, which DataFusion plans in time quadratic in their number).
+        lists = [exp.In(this=node.this.copy(), expressions=[v.copy() for v in same]) for same in by_kind.values()]
+        node.replace(exp.Paren(this=exp.or_(*lists)))
         changed = True
-    for node in list(tree.find_all(exp.EQ, exp.NEQ, exp.LT, exp.LTE, exp.GT, exp.GTE)):
-        field, literal, operator = node.this, node.expression, type(node)
-        if _literal_kind(field) and not _literal_kind(literal):
-            field, literal, operator = literal, field, _MIRRORED[operator]
-        kind = _literal_kind(literal)
+    for node in list(tree.find_all(exp.EQ, exp.NEQ, exp.LT, exp.LTE, exp.GT, exp.GTE, exp.In)):
+        if isinstance(node, exp.In):
+            field, values = node.this, node.expressions
+            kinds = {_literal_kind(v) for v in values}
+            if node.args.get("query") or len(kinds) != 1:
+                continue
+            kind = kinds.pop()
+            comparison: exp.Expression = exp.In(expressions=[v.copy() for v in values])
+        else:
+            field, literal, operator = node.this, node.expression, type(node)
+            if _literal_kind(field) and not _literal_kind(literal):
+                field, literal, operator = literal, field, _MIRRORED[operator]
+            kind = _literal_kind(literal)
+            comparison = (exp.EQ if operator is exp.NEQ else operator)(expression=literal.copy())
         if kind is None or not isinstance(field, (exp.Column, exp.Dot, exp.Bracket)):
             continue
         plan = _comparison_plan(field, kind, collections, schema_of)
         if plan is None:
             continue
-        compare = exp.EQ if operator is exp.NEQ else operator
-        terms = [compare(this=value, expression=literal.copy()) for value in plan]
+        terms = [_compared(value, comparison) for value in plan]
         # Null stays unknown, as in SQL; a value of another kind is a definite FALSE, so that
         # NOT (and NOT IN) reads it as different.
         matched: exp.Expression = exp.Case(
             ifs=[exp.If(this=exp.Is(this=field.copy(), expression=exp.Null()), true=exp.Null())],
             default=exp.Coalesce(this=exp.or_(*terms), expressions=[exp.false()]) if terms else exp.false(),
         )
-        node.replace(exp.Not(this=matched) if operator is exp.NEQ else matched)
+        node.replace(exp.Not(this=matched) if isinstance(node, exp.NEQ) else matched)
         changed = True
     return changed
+
+
+def _compared(value: exp.Expression, comparison: exp.Expression) -> exp.Expression:
+    """`comparison` (`= 10`, `IN (1, 2)`) of `value`."""
+    compared = comparison.copy()
+    compared.set("this", value)
+    return compared
 
 
 def _literal_kind(node: exp.Expression) -> str | None:

@@ -10,7 +10,13 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import tantivy
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from shoal.server.errors import json_errors
+from shoal.server.queries import QueryLimits, QueryRunner
+from shoal.sql import engine
 from support import Dynamo, ShoalProcess, assert_error, run_in_thread, wait_until
 
 WS = "/v1/orgs/self/ws/commons"
@@ -199,10 +205,15 @@ async def count_people(server: ShoalProcess, n: int):
     "SELECT * FROM commons.people WHERE",
     "SELECT (1",
     "SELECT nosuchfunction_xyz(name) FROM commons.people",
+    "SELECT 'no end",
+    "SELECT " + "(" * 46 + "1" + ")" * 46,
+    "SELECT " + "(SELECT " * 60 + "1" + ")" * 60,
+    "SELECT * FROM ROWS FROM (range(3))",
+    "SELECT " + "+".join(["1"] * 4000) + " AS v",
 ])
 async def test_invalid_sql_is_400(server: ShoalProcess, small_collection, sql):
     err = assert_error(await server.request("POST", QUERIES, sql_body(sql)), 400)
-    print(f"{sql!r} -> {err}")
+    print(f"{sql[:80]!r} -> {err}")
 
 
 async def test_unknown_collection_in_sql(server: ShoalProcess, small_collection):
@@ -258,6 +269,28 @@ async def test_parameters_are_bound_not_spliced(server: ShoalProcess, small_coll
     assert rows == [], rows
     rows = await server.query("SELECT pk FROM commons.people WHERE age > :n ORDER BY pk", {"n": 30})
     assert rows == [{"pk": "a"}, {"pk": "b"}], rows
+
+
+async def test_a_panic_in_a_query_thread_is_a_logged_json_500(caplog):
+    """A Rust panic in a query's thread (pyo3's PanicException, a BaseException, here
+    tantivy's for a top 0) answers JSON 500 with the cause in the log, not a dropped
+    connection: the client can tell, and the bug is there to see."""
+    index = tantivy.Index(tantivy.SchemaBuilder().add_text_field("t").build())
+    runner = QueryRunner(QueryLimits())
+
+    async def handler(request: web.Request) -> web.Response:
+        return await runner.run(lambda: index.searcher().search(tantivy.Query.all_query(), 0), engine.Liveness(10))
+
+    app = web.Application(middlewares=[json_errors])
+    app.router.add_get("/panic", handler)
+    try:
+        async with TestClient(TestServer(app)) as client:
+            r = await client.get("/panic")
+            assert r.status == 500 and await r.json() == {
+                "message": "internal error; the server log has the details", "type": "INTERNAL_ERROR"}
+    finally:
+        await runner.close()
+    assert "PanicException" in caplog.text and "Limit must be greater than 0" in caplog.text, caplog.text
 
 
 # --------------------------------------------------------------------------- conflicts & secrets

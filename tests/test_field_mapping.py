@@ -78,6 +78,8 @@ async def test_attributes_named_like_system_columns_keep_their_query_names(tmp_p
         "SELECT * FROM _input WHERE n IN (SELECT 1)",
         "SELECT UPPER(_id) AS _id FROM _input",
         "DELETE FROM _input",
+        "SELECT *, repeat('x', 300000000) AS pad FROM _input",  # 300 MB per document
+        "SELECT *, lpad(name, 100000) AS pad FROM _input",
     ],
 )
 def test_mappings_that_are_not_row_by_row_are_refused(sql):

@@ -4,7 +4,8 @@ A runaway query (a three-way cross join of a 1,500-document collection: 3.4 bill
 must answer 408 at its deadline and stop burning CPU right after; while such queries run,
 ingest goes on and other queries get answers; more queries than the server takes get a
 429; a query over its memory budget gets a 400 and the server lives on. The server runs
-with small limits (`LimitedShoal`) so the tests stay short.
+with small limits (`LimitedShoal`) so the tests stay short. In process: a join of any
+sources stops at its deadline, and values too big to build are refused before any work.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import signal
 import time
 import uuid
 import weakref
+from unittest.mock import ANY
 
 import pytest
 
 from shoal.index.collection import Change, Collection
 from shoal.sql import engine
-from shoal.sql.planner import prepare
+from shoal.sql.planner import QueryError, prepare
 from support import Dynamo, Response, ShoalProcess, assert_error, run_in_thread, wait_until
 
 QUERIES = "/v1/orgs/self/queries"
@@ -151,6 +153,74 @@ async def test_a_query_over_its_memory_gets_400_and_the_server_lives(server: Lim
     assert_error_type(r, 400, "RESOURCES_EXCEEDED")
     assert "32 MiB" in r.body["message"], r
     assert await server.query("SELECT COUNT(*) AS n FROM commons.big WHERE n >= 0") == [{"n": DOCS}]
+
+
+@pytest.fixture
+async def tiny(tmp_path):
+    """Run SQL in process, over a collection `commons.c` of three documents."""
+    collection = Collection.open(tmp_path)
+    meta = {"table": "t", "event": "INSERT", "sequence_number": None}
+    await collection.apply([Change.of(f"d{i}", {"n": i}, 0, meta) for i in range(3)], None)
+
+    def run(sql: str, timeout_s: float = 10) -> list[dict]:
+        snapshot = collection.snapshot()
+        prepared = prepare(sql, [], lambda ws, name: snapshot.query_schema if name == "c" else None)
+        return engine.execute(prepared, lambda ws, name: snapshot, 100, timeout_s).table.to_pylist()
+
+    yield run
+    await collection.close()
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT COUNT(*) AS n FROM range(1000000) a, range(1000000) b",
+    "SELECT COUNT(*) AS n FROM (SELECT value AS v FROM range(1000000)) a CROSS JOIN (SELECT value AS w FROM range(1000000))",
+    "WITH r AS (SELECT value FROM range(1000000)) SELECT COUNT(*) AS n FROM r a, r b",
+    "SELECT COUNT(*) AS n FROM commons.c, range(1000000) a, generate_series(1, 1000000) b",
+])
+async def test_a_join_of_any_sources_stops_at_its_deadline(tiny, sql):
+    """Every join checks its deadline above it, not only joins of collections: a cross join of
+    table functions, subqueries or CTEs (a trillion rows) ran 15 s past a 1 s limit."""
+    started = time.monotonic()
+    with pytest.raises(engine.QueryTimeout):
+        tiny(sql, timeout_s=0.5)
+    took = time.monotonic() - started
+    assert took < 5, f"a 0.5 s query stopped after {took:.1f} s"
+
+
+async def test_a_join_check_leaves_answers_and_stars_alone(tiny):
+    """The column that carries a join side's check is not listed by `*` or `side.*`."""
+    assert tiny("SELECT * FROM range(2) a, (SELECT 'x' AS s) b ORDER BY value") == [{"value": 0, "s": "x"}, {"value": 1, "s": "x"}]
+    assert tiny("SELECT a.*, c.n FROM range(2) a JOIN commons.c ON a.value = c.n ORDER BY value") == [
+        {"value": 0, "n": 0}, {"value": 1, "n": 1}]
+    assert tiny("WITH r AS (SELECT n FROM commons.c) SELECT COUNT(*) AS k FROM r LEFT JOIN range(1) z ON r.n = z.value") == [{"k": 3}]
+    assert tiny("SELECT * FROM commons.c CROSS JOIN UNNEST([7]) AS u(x) WHERE n = 0") == [{"_id": "d0", "_event_time": ANY, "_meta": ANY, "n": 0, "x": 7}]
+
+
+@pytest.mark.parametrize(("sql", "message"), [
+    ("SELECT COUNT(*) AS n FROM (SELECT unnest(range(100000000)) AS x) t", "range"),  # 48 s, 4.8 GB
+    ("SELECT length(repeat('x', 300000000)) AS n", "repeat"),  # 1.3 GB beside a 1 MiB pool
+    ("SELECT length(repeat(repeat('ab', 1000), 1000)) AS n", "repeat"),
+    ("SELECT length(lpad('x', 2000000)) AS n", "lpad"),
+    ("SELECT cardinality(array_repeat(1, 2000000)) AS n", "array_repeat"),
+    ("SELECT generate_series(1, 2000000) AS n", "generate_series"),
+    ("SELECT range(n) AS r FROM commons.c", "integer literals"),
+    # Over a field: once per row of a 65,536-row batch (lpad to 100,000 aborted the process).
+    ("SELECT length(lpad(CAST(n AS VARCHAR), 100000)) AS k FROM commons.c", "per row"),
+    ("SELECT length(repeat(CAST(n AS VARCHAR), 11)) AS k FROM commons.c", "per row"),
+    ("SELECT length(repeat('x', n)) AS k FROM commons.c", "not from the data"),
+])
+async def test_functions_that_build_huge_values_are_refused(tiny, sql, message):
+    """DataFusion builds their values whole, outside the query's memory pool and between two
+    liveness checks: a size beyond 1,000,000 is a query error before any work."""
+    with pytest.raises(QueryError, match=message):
+        tiny(sql)
+
+
+async def test_functions_build_values_up_to_the_limit(tiny):
+    assert tiny("SELECT COUNT(*) AS n FROM (SELECT unnest(range(1000000)) AS x) t") == [{"n": 1_000_000}]
+    assert tiny("SELECT length(repeat('ab', 500000)) AS n, cardinality(generate_series(-2, 2)) AS g") == [{"n": 1_000_000, "g": 5}]
+    assert tiny("SELECT length(repeat(CAST(n AS VARCHAR), 10)) AS k FROM commons.c WHERE n = 1") == [{"k": 10}]
+    assert tiny("SELECT lpad(CAST(n AS VARCHAR), 3, '0') AS k FROM commons.c WHERE n = 1") == [{"k": "001"}]
 
 
 async def test_a_replaced_snapshot_and_its_cached_table_are_freed(tmp_path):

@@ -45,6 +45,11 @@ async def test_pages_cover_the_result_once_in_order(numbers):
         seen += [r["n"] for r in page["results"]]
         cursor = page["pagination"]["next_cursor"]
     assert seen == list(range(ROWS))
+    kept = f"/v1/orgs/self/queries/{first['query_id']}/pages"
+    status, beyond = await numbers.api("GET", f"{kept}/999999999999999999")
+    assert status == 200 and beyond["results"] == [] and beyond["pagination"]["next_cursor"] is None, beyond
+    status, body = await numbers.api("GET", f"{kept}/{'9' * 30}")  # beyond Arrow's int64 offsets
+    assert status == 400 and body["type"] == "INVALID_INPUT", body
 
 
 async def test_pages_of_unknown_queries_and_bad_cursors_are_clear_errors(numbers):
@@ -52,6 +57,10 @@ async def test_pages_of_unknown_queries_and_bad_cursors_are_clear_errors(numbers
     assert status == 404 and body["type"] == "NOT_FOUND"
     status, body = await numbers.api("GET", "/v1/orgs/self/queries/nope/pages/x")
     assert status == 400
+    # '²'.isdigit() is true, but int() refuses it
+    for path in ("nope/pages/²", "nope/pages/0?docs=²", "nope/pages/0?docs=0"):
+        status, body = await numbers.api("GET", f"/v1/orgs/self/queries/{path}")
+        assert status == 400 and body["type"] == "INVALID_INPUT", (path, body)
     status, body = await numbers.api("POST", "/v1/orgs/self/queries", {"sql": {"query": "SELECT 1", "paginate": "yes"}})
     assert status == 400 and "paginate" in body["message"]
 
@@ -104,6 +113,8 @@ async def test_lambda_versions_run_with_default_and_given_parameters(numbers):
         {"name": "params", "sql": {"query": "SELECT 1", "default_parameters": "p"}},
         {"name": "extra", "sql": {"query": "SELECT 1"}, "owner": "me"},
         {"sql": {"query": "SELECT 1"}},
+        {"name": "deep", "sql": {"query": "SELECT " + "(" * 46 + "1" + ")" * 46}},
+        {"name": "unended", "sql": {"query": "SELECT 'x"}},
     ],
 )
 async def test_bad_lambdas_are_refused(numbers, body):

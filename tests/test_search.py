@@ -129,6 +129,42 @@ async def test_top_k_by_score(corpus):
     assert scores[-1] >= sorted((r["s"] for r in everything), reverse=True)[9]
 
 
+@pytest.mark.parametrize(
+    ("tail", "wanted"),
+    [
+        ("LIMIT 0", 0),
+        ("LIMIT 0 OFFSET 2", 0),
+        ("LIMIT 3 OFFSET 2", 3),
+        ("LIMIT 1000000000000", None),  # tantivy would reserve room for a trillion hits: abort
+        ("LIMIT 9223372036854775807", None),
+        ("LIMIT 9223372036854775807 OFFSET 1", "all but one"),
+    ],
+)
+async def test_a_top_k_search_takes_any_limit(corpus, tail, wanted):
+    """The k of `ORDER BY SCORE() DESC LIMIT k` sizes tantivy's top-k heap: a k beyond the
+    documents gets them all, 0 gets none, in an answer from the matches or from DataFusion."""
+    collection, docs, query = corpus
+    for i in range(20):
+        docs[f"d{i}"] = {"title": "alpha " * (1 + i % 4), "n": i}
+    await collection.apply([Change.of(k, v, 0, META) for k, v in docs.items()], None)
+    best = "SELECT _id, SCORE() AS s FROM docs WHERE SEARCH(CONTAINS(title, 'alpha')) ORDER BY SCORE() DESC " + tail
+    expected = {None: 20, "all but one": 19}.get(wanted, wanted)
+    assert len(query(best)) == expected
+    assert query(f"SELECT COUNT(*) AS c FROM ({best}) t") == [{"c": expected}]
+
+
+@pytest.mark.parametrize("limit", ["-1", "1.5", "99999999999999999999"])
+async def test_a_top_k_search_refuses_a_bad_limit(corpus, limit):
+    """A LIMIT DataFusion does not take is a query error whether the matches or DataFusion
+    answer (`LIMIT -1` was read as 1), never a crash."""
+    collection, _, query = corpus
+    await collection.apply([Change.of("a", {"title": "alpha"}, 0, META)], None)
+    best = f"SELECT _id FROM docs WHERE SEARCH(CONTAINS(title, 'alpha')) ORDER BY SCORE() DESC LIMIT {limit}"
+    for sql in (best, f"SELECT COUNT(*) AS c FROM ({best}) t"):
+        with pytest.raises(QueryError, match="LIMIT"):
+            query(sql)
+
+
 async def test_search_sees_updates_and_deletes_at_once(corpus):
     collection, _, query = corpus
     await collection.apply([Change.of("a", {"title": "red fox"}, 0, META), Change.of("b", {"title": "red hen"}, 0, META)], None)

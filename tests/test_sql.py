@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from shoal.index.collection import Change, Collection
@@ -83,6 +85,33 @@ async def test_parameters_bind_as_typed_literals(run):
 
 
 @pytest.mark.parametrize(
+    ("type_", "value"),
+    [
+        ("float", "nan"),  # bound as text, nan and inf were bare names: a column named inf was read
+        ("float", "inf"),
+        ("float", "-Infinity"),
+        ("float", True),
+        ("int", 1.9),  # int() cut it to 1
+        ("int", 2**70),  # DataFusion read it as a float
+        ("int", True),
+        ("string", None),  # bound as the text 'None'
+        ("string", ["a"]),
+    ],
+)
+async def test_parameters_of_the_wrong_value_are_query_errors(run, type_, value):
+    with pytest.raises(QueryError, match=f"not a valid {type_}"):
+        run("WITH t AS (SELECT 5 AS inf, 6 AS nan) SELECT :p AS v FROM t", [{"name": "p", "type": type_, "value": value}])
+
+
+@pytest.mark.parametrize(
+    ("type_", "value", "bound"),
+    [("int", "-7", -7), ("int", 3.0, 3), ("float", "2.5", 2.5), ("float", 1e300, 1e300), ("string", 10, "10"), ("bool", "TRUE", True)],
+)
+async def test_parameters_take_values_or_their_text(run, type_, value, bound):
+    assert run("SELECT :p AS v", [{"name": "p", "type": type_, "value": value}]) == [{"v": bound}]
+
+
+@pytest.mark.parametrize(
     ("where", "ids"),
     [
         ("mixed = 10", ["d0"]),
@@ -157,3 +186,47 @@ async def test_unnest_of_an_unknown_source_is_a_query_error(run):
 async def test_no_rows_over_mixed_type_fields(run):
     assert run("SELECT * FROM orders WHERE _id = 'nope'") == []
     assert run("SELECT amount, mixed FROM orders WHERE tag = 'zzz'") == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        ("SELECT " + "(" * 46 + "1" + ")" * 46, "too deeply"),  # sqlglot's parser recursed past Python's limit
+        ("SELECT " + "(SELECT " * 60 + "1" + ")" * 60, "too deeply"),
+        ("SELECT * FROM ROWS FROM (range(3))", "ROWS FROM"),
+        ("SELECT 'no end", "syntax error"),
+        ("SELECT 1 /* no end", "syntax error"),
+        ("SELECT 1 AS v /*" + "x" * (256 * 1024) + "*/", "longer than"),
+        ("SELECT _id FROM orders WHERE tag IN (" + ", ".join(["'a'"] * 6000) + ")", "more than 10,000 tokens"),
+        ("SELECT " + " + ".join(["1"] * 4000) + " AS v", "more than 256 deep"),  # DataFusion: 15 s of planning
+        ("SELECT _id FROM orders WHERE " + " OR ".join(["tag = 'a'"] * 300), "more than 256 deep"),
+    ],
+)
+async def test_queries_too_big_or_malformed_to_plan_are_query_errors(run, sql, message):
+    """Refused before any work that cannot be interrupted, never a crash or a hang."""
+    with pytest.raises(QueryError, match=message):
+        run(sql)
+
+
+async def test_long_in_lists_plan_quickly(run):
+    """`x IN (...)` over a mixed or differently typed field compares each kind's values as one
+    list: as ORed equalities, DataFusion took ~15 s to plan 2,000 of them."""
+    values = ", ".join(str(n) for n in range(-1000, 1000))
+    started = time.perf_counter()
+    assert [r["_id"] for r in run(f"SELECT _id FROM orders WHERE amount IN ({values}) ORDER BY _id")] == ["d0", "d2"]
+    assert run(f"SELECT _id FROM orders WHERE tag IN ({values}, 'b')") == [{"_id": "d1"}]
+    assert [r["_id"] for r in run(f"SELECT _id FROM orders WHERE mixed NOT IN ({values}) ORDER BY _id")] == ["d1", "d2"]
+    took = time.perf_counter() - started
+    assert took < 3, f"three queries took {took:.1f} s"
+
+
+async def test_only_short_queries_keep_their_plans():
+    """Plans are cached (the same object comes back) only for texts, parameters and rewritten
+    SQL of up to 64 KiB: 512 plans of 8 MiB bodies would hold 4 GB."""
+    no_collections = lambda workspace, name: None  # noqa: E731
+    short = "SELECT 1 AS v"
+    assert prepare(short, [], no_collections) is prepare(short, [], no_collections)
+    long = "SELECT 1 AS v /*" + "x" * (64 * 1024) + "*/"
+    assert prepare(long, [], no_collections) is not prepare(long, [], no_collections)
+    bulky = [{"name": "s", "type": "string", "value": "x" * (64 * 1024)}]
+    assert prepare("SELECT :s AS v", bulky, no_collections) is not prepare("SELECT :s AS v", bulky, no_collections)
