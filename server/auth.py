@@ -128,7 +128,9 @@ def require_api_key(keys: ApiKeys):
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
         if request.path.startswith("/v1/"):
             scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "apikey" or not key.strip() or not keys.verify(key.strip()):
+            key = key.strip()
+            # (A key is ASCII; other header bytes reach here as surrogates, which encode() refuses.)
+            if scheme.lower() != "apikey" or not key or not key.isascii() or not keys.verify(key):
                 return error_response(
                     401, "AUTHEXCEPTION", "missing or invalid API key: send the header 'Authorization: ApiKey <key>'"
                 )

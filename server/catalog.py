@@ -167,6 +167,11 @@ class Catalog:
         async with self._lock:
             if (spec.workspace, spec.name) in self.collections:
                 raise conflict(f"collection '{spec.workspace}.{spec.name}' already exists")
+            for workspace, name in self.collections:  # one directory each, and file systems may ignore case
+                if workspace != spec.workspace and workspace.casefold() == spec.workspace.casefold():
+                    raise conflict(f"workspace '{workspace}' exists, spelled with other letter case")
+                if (workspace, name.casefold()) == (spec.workspace, spec.name.casefold()):
+                    raise conflict(f"collection '{workspace}.{name}' exists, spelled with other letter case")
             integration = self.integration(spec.integration_name)
             if not spec.source.use_scan_api and not integration.s3_export_bucket_name:
                 raise invalid(f"use_scan_api false loads the table by an export to S3: integration "

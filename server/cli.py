@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .queries import QueryLimits
 
     use_system_allocator()
+    os.umask(0o077)  # the documents, indexes and secrets it writes are the owner's alone
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(data_dir, 0o700)

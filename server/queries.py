@@ -139,8 +139,10 @@ def _positive_int(container: dict, key: str, where: str, default: int) -> int:
 
 def parse_parameters(value: Any, where: str) -> list[dict[str, Any]]:
     parameters = value or []
-    if not isinstance(parameters, list) or not all(isinstance(p, dict) for p in parameters):
-        raise invalid(f"{where} must be a list of {{name, type, value}}")
+    if not isinstance(parameters, list) or not all(
+        isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("type"), str) for p in parameters
+    ):
+        raise invalid(f"{where} must be a list of {{name, type, value}}, name and type as strings")
     return parameters
 
 

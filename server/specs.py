@@ -18,13 +18,23 @@ from shoal.sql.planner import QueryError
 from .errors import invalid
 
 # Rockset's rule: letters, digits, dashes and underscores, starting with a letter or digit.
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
-DURATION = re.compile(r"^PT(?:(\d+(?:\.\d+)?)S)?$|^PT(?:(\d+)M)$")
-KINESIS_STREAM_ARN = re.compile(r"^arn:aws[a-z-]*:kinesis:[a-z0-9-]+:\d{12}:stream/[A-Za-z0-9_.-]{1,128}$")
+# Patterns are used with fullmatch: `$` also matches before a final newline.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+DURATION = re.compile(r"PT(?:(\d{1,6}(?:\.\d{1,9})?)S)?|PT(?:(\d{1,6})M)")
+KINESIS_STREAM_ARN = re.compile(r"arn:aws[a-z-]*:kinesis:[a-z0-9-]+:\d{12}:stream/[A-Za-z0-9_.-]{1,128}")
+# DynamoDB's rule for a table's name, which may also come as the table's ARN.
+TABLE_NAME = re.compile(r"(?:arn:aws[a-z-]*:dynamodb:[a-z0-9-]+:\d{12}:table/)?[A-Za-z0-9_.-]{3,255}")
+
+
+def _table_name(name: str) -> str:
+    if not TABLE_NAME.fullmatch(name):
+        raise invalid(f"sources[0].dynamodb.table_name must be a DynamoDB table's name (3-255 letters, digits, "
+                      f"'_', '-' or '.') or ARN; got {name!r}")
+    return name
 
 
 def check_name(kind: str, name: Any) -> str:
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise invalid(
             f"{kind} name must be 1-100 letters, digits, '-' or '_', starting with a letter or digit; got {name!r}"
         )
@@ -141,7 +151,7 @@ def _poll_frequency(settings: dict) -> float:
     text = settings.get("dynamodb_stream_poll_frequency")
     if text is None:
         return SourceConfig.poll_interval_s
-    match = DURATION.match(text) if isinstance(text, str) else None
+    match = DURATION.fullmatch(text) if isinstance(text, str) else None
     if not match or not any(match.groups()):
         raise invalid("settings.dynamodb_stream_poll_frequency must be an ISO-8601 duration like 'PT0.2S' or 'PT1S'")
     seconds = float(match.group(1)) if match.group(1) else 60.0 * int(match.group(2))
@@ -166,7 +176,7 @@ def parse_collection(workspace: str, body: Any, now: str) -> CollectionSpec:
                   "sources[0].dynamodb")
     kinesis_stream_arn = dynamodb.get("kinesis_stream_arn")
     if kinesis_stream_arn is not None and (not isinstance(kinesis_stream_arn, str)
-                                           or not KINESIS_STREAM_ARN.match(kinesis_stream_arn)):
+                                           or not KINESIS_STREAM_ARN.fullmatch(kinesis_stream_arn)):
         raise invalid("sources[0].dynamodb.kinesis_stream_arn must be a Kinesis stream ARN like "
                       "'arn:aws:kinesis:us-west-2:123456789012:stream/name'")
     rcu = dynamodb.get("rcu")
@@ -186,7 +196,7 @@ def parse_collection(workspace: str, body: Any, now: str) -> CollectionSpec:
         description=description,
         integration_name=integration_name,
         source=SourceConfig(
-            table_name=_string(dynamodb, "table_name", "sources[0].dynamodb"),
+            table_name=_table_name(_string(dynamodb, "table_name", "sources[0].dynamodb")),
             region=_string(dynamodb, "aws_region", "sources[0].dynamodb", required=False) or "us-west-2",
             rcu=rcu,
             use_scan_api=use_scan_api,

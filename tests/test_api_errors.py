@@ -7,6 +7,8 @@ server is shared by this module; each test uses its own names.
 
 from __future__ import annotations
 
+import asyncio
+
 import uuid
 
 import pytest
@@ -96,6 +98,16 @@ async def test_v1_requires_api_key(server: ShoalProcess, method, path, body, aut
 # --------------------------------------------------------------------------- not found
 
 
+async def test_a_key_of_other_bytes_is_401(server: ShoalProcess):
+    """Header bytes that are no ASCII (no key is) reach the server as surrogates: refused."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /v1/orgs/self/integrations HTTP/1.1\r\nHost: x\r\nAuthorization: ApiKey \xff\xfe\r\n"
+                 b"Connection: close\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+
+
 async def test_unknown_collection_is_404(server: ShoalProcess):
     assert_error(await server.request("GET", f"{WS}/collections/{uniq('nope')}"), 404)
     assert_error(await server.request("DELETE", f"{WS}/collections/{uniq('nope')}"), 404)
@@ -149,6 +161,10 @@ async def test_integration_missing_fields_is_400(server: ShoalProcess, body):
     lambda t: {"sources": [{"integration_name": "moto", "dynamodb": {"table_name": t}}]},
     lambda t: {"name": uniq("c"), "sources": [{"dynamodb": {"table_name": t}}]},
     lambda t: {"name": uniq("c"), "sources": "moto"},
+    lambda t: {"name": uniq("c") + "\n", "sources": [{"integration_name": "moto", "dynamodb": {"table_name": t}}]},
+    lambda t: {"name": uniq("c"), "sources": [{"integration_name": "moto", "dynamodb": {"table_name": t + "\nx"}}]},
+    lambda t: {"name": uniq("c"), "sources": [{"integration_name": "moto", "dynamodb": {
+        "table_name": t, "settings": {"dynamodb_stream_poll_frequency": "PT" + "1" * 5000 + "M"}}}]},
 ])
 async def test_collection_missing_fields_is_400(server: ShoalProcess, integration, ddb: Dynamo,
                                                 table_name, make):
@@ -253,6 +269,8 @@ async def test_copy_to_is_refused_and_writes_nothing(server: ShoalProcess, small
     [{"name": "n", "type": "int", "value": "not-a-number"}],
     [{"name": "n", "type": "no-such-type", "value": "1"}],
     [{"type": "int", "value": "1"}],
+    [{"name": ["n"], "type": "int", "value": "1"}],
+    [{"name": {"n": 1}}],
     "n=1",
 ])
 async def test_bad_parameters_are_400(server: ShoalProcess, small_collection, params):
@@ -310,6 +328,11 @@ async def test_duplicate_collection_is_refused(server: ShoalProcess, integration
     assert r.status == 200, r
     assert_error(await server.request("POST", f"{WS}/collections",
                                       collection_body(name, integration, table_name)), 400, 409)
+    # Each is a directory, and a file system may ignore letter case: `Name` would be `name`'s.
+    assert_error(await server.request("POST", f"{WS}/collections",
+                                      collection_body(name.upper(), integration, table_name)), 409)
+    assert_error(await server.request("POST", "/v1/orgs/self/ws/COMMONS/collections",
+                                      collection_body(uniq("c"), integration, table_name)), 409)
     assert (await server.request("DELETE", f"{WS}/collections/{name}")).status == 200
 
 

@@ -115,6 +115,7 @@ async def test_lambda_versions_run_with_default_and_given_parameters(numbers):
         {"sql": {"query": "SELECT 1"}},
         {"name": "deep", "sql": {"query": "SELECT " + "(" * 46 + "1" + ")" * 46}},
         {"name": "unended", "sql": {"query": "SELECT 'x"}},
+        {"name": "listname", "sql": {"query": "SELECT 1", "default_parameters": [{"name": [1], "type": "int", "value": "1"}]}},
     ],
 )
 async def test_bad_lambdas_are_refused(numbers, body):

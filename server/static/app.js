@@ -52,13 +52,24 @@ function route() {
   const hash = location.hash || "#/collections";
   for (const [pattern, view, section] of ROUTES) {
     const match = hash.match(pattern);
-    if (match) {
+    const parts = match && decodedParts(match.slice(1));
+    if (parts) {
       const main = shell(section);
-      disposeView = view(main, ...match.slice(1).map(decodeURIComponent)) || null;
+      disposeView = view(main, ...parts) || null;
       return;
     }
   }
   location.replace("#/collections");
+}
+
+// The hash's parts decoded, or null when one is no valid escape (such as "%E0"): a link
+// typed or cut wrongly goes back to the collections rather than leave a blank page.
+function decodedParts(parts) {
+  try {
+    return parts.map(decodeURIComponent);
+  } catch {
+    return null;
+  }
 }
 
 function signOut() {
