@@ -17,6 +17,7 @@ removed after it is replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import weakref
@@ -35,7 +36,7 @@ from .idmap import ABSENT, IdLocations
 from .items import ItemDecoder, decode_text, encode_item, with_canonical_numbers
 from .memory import release_free_memory
 from .segment import (HIDDEN_NAMES, SYSTEM_FIELDS, SYSTEM_NAMES, Segment, SegmentView, conform_batch, write_durably,
-                      write_fsync)
+                      fsync_directory, write_fsync)
 from .textindex import TextIndex, TextPredicate, TextSearcher
 from .tombstones import Tombstones
 
@@ -141,6 +142,7 @@ class Collection:
         self._locations = IdLocations()  # _id → segment id << 32 | row
         self._deletes_file: dict[int, str] = {}  # segment id → its persisted deletion mask
         self.last_refresh_at: float | None = None
+        self._reload_pending = False  # a refresh failed, and so did going back to the disk's state
         self._load()
         self._tombstones = Tombstones.open(directory, self._generation)  # drops those of an unfinished refresh
         self._tombstones_pruned_at = 0.0
@@ -170,56 +172,62 @@ class Collection:
         return cls(directory, transform)
 
     def _load(self) -> None:
-        self._locations.clear()
-        self._deletes_file.clear()
-        self._generation = self._next_rowid = self._next_seg_id = 0
-        self.checkpoint = None
+        """Take the last committed state from disk: all of it, or (when reading fails) nothing,
+        so a failed reload leaves nothing half-loaded for the next refresh to build on."""
         path = self.directory / MANIFEST
+        locations, deletes_file = IdLocations(), {}
         if not path.exists():
             self._text.clear()
             self._text.commit(0)
-            self._snapshot = Snapshot((), SYSTEM_FIELDS, 0, self._text.searcher(_text_fields(SYSTEM_FIELDS)))
-            return
-        manifest = orjson.loads(path.read_bytes())
-        views = []
-        for entry in manifest["segments"]:
-            segment = Segment.read(self.directory, entry["id"])
-            deleted = None
-            if entry["deletes"]:
-                self._deletes_file[entry["id"]] = entry["deletes"]
-                data = (self.directory / entry["deletes"]).read_bytes()
-                deleted = SegmentView.deleted_from_bytes(data, segment.rows)
-            views.append(SegmentView(segment, deleted))
+            manifest = {"generation": 0, "next_rowid": 0, "next_seg_id": 0, "checkpoint": None}
+            views, schema, version = [], SYSTEM_FIELDS, 0
+        else:
+            manifest = orjson.loads(path.read_bytes())
+            views = []
+            for entry in manifest["segments"]:
+                segment = Segment.read(self.directory, entry["id"])
+                deleted = None
+                if entry["deletes"]:
+                    deletes_file[entry["id"]] = entry["deletes"]
+                    data = (self.directory / entry["deletes"]).read_bytes()
+                    deleted = SegmentView.deleted_from_bytes(data, segment.rows)
+                views.append(SegmentView(segment, deleted))
+            schema, version = SYSTEM_FIELDS, 1
+            for view in views:
+                schema = _merged_schema(schema, view.segment.batch.schema)
+                ids = view.segment.batch.column("_id")
+                if view.deleted is None:
+                    rows = np.arange(view.segment.rows)
+                else:
+                    rows = np.flatnonzero(~view.deleted)
+                    ids = ids.take(pa.array(rows))
+                locations.set_many(ids.to_pylist(), _packed(view.segment.seg_id, rows))
+            if self._text.generation() != manifest["generation"]:
+                self._rebuild_text_index(views, manifest["generation"])
+        self._locations, self._deletes_file = locations, deletes_file
         self._generation = manifest["generation"]
         self._next_rowid = manifest["next_rowid"]
         self._next_seg_id = manifest["next_seg_id"]
         self.checkpoint = manifest["checkpoint"]
-        schema = SYSTEM_FIELDS
-        for view in views:
-            schema = _merged_schema(schema, view.segment.batch.schema)
-            ids = view.segment.batch.column("_id")
-            if view.deleted is None:
-                rows = np.arange(view.segment.rows)
-            else:
-                rows = np.flatnonzero(~view.deleted)
-                ids = ids.take(pa.array(rows))
-            self._locations.set_many(ids.to_pylist(), _packed(view.segment.seg_id, rows))
-        if self._text.generation() != self._generation:
-            self._rebuild_text_index(views)
-        self._snapshot = Snapshot(tuple(views), schema, 1, self._text.searcher(_text_fields(schema)))
-        self._remove_unreferenced_files()
+        self._snapshot = Snapshot(tuple(views), schema, version, self._text.searcher(_text_fields(schema)))
+        self._remove_unreferenced_files()  # with no manifest too: a first refresh's segment, killed before it
 
-    def _rebuild_text_index(self, views: list[SegmentView]) -> None:
+    def _rebuild_text_index(self, views: list[SegmentView], generation: int) -> None:
         """The index is derived data: after a crash between its commit and the manifest's,
         rebuild it from the segments' documents (re-encoded one by one; a decimal comes back
-        from its column as text, so it is indexed as a string until the item changes)."""
-        self._text.clear()
-        for view in views:
-            batch = view.live_batch()
-            fields = batch.drop_columns([name for name in batch.schema.names if name in SYSTEM_NAMES])
-            items = (encode_item({item_name(k): v for k, v in row.items() if v is not None}) for row in fields.to_pylist())
-            self._text.update((), zip(batch.column("_id").to_pylist(), batch.column("_rowid").to_pylist(), items))
-        self._text.commit(self._generation)
+        from its column as text, so it is indexed as a string until the item changes). A
+        rebuild that fails leaves the index as it was, not emptied."""
+        try:
+            self._text.clear()
+            for view in views:
+                batch = view.live_batch()
+                fields = batch.drop_columns([name for name in batch.schema.names if name in SYSTEM_NAMES])
+                items = (encode_item({item_name(k): v for k, v in row.items() if v is not None}) for row in fields.to_pylist())
+                self._text.update((), zip(batch.column("_id").to_pylist(), batch.column("_rowid").to_pylist(), items))
+            self._text.commit(generation)
+        except BaseException:
+            self._text.rollback()
+            raise
 
     async def close(self) -> None:
         """Wait for a refresh in progress, then release the index. The collection is unusable after."""
@@ -248,28 +256,43 @@ class Collection:
     async def _one_refresh(self, work: Callable[..., None], *arguments: Any) -> None:
         async with self._lock:
             refresh = asyncio.ensure_future(asyncio.to_thread(work, *arguments))
-            try:
-                await asyncio.shield(refresh)
-            except asyncio.CancelledError:
-                # A started refresh runs to its end: the lock must outlive the worker thread.
-                await refresh
-                raise
+            cancelled = False
+            while not refresh.done():
+                try:
+                    await asyncio.shield(refresh)
+                except asyncio.CancelledError:
+                    # A started refresh runs to its end, however often the caller is cancelled:
+                    # the lock must outlive the worker thread.
+                    cancelled = True
+            if cancelled:
+                raise asyncio.CancelledError
+            refresh.result()
 
     def _apply(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None) -> None:
+        self._reload_if_a_refresh_failed()
         changes = [_with_canonical_numbers(change) for change in changes]
         if self._transform is not None and changes:
             changes = self._transform(changes)  # before any state changes: a failure leaves none
         try:
             self._refresh(changes, checkpoint)
         except BaseException:
-            # Memory may be ahead of the disk now: go back to the last committed state.
-            self._text.rollback()
-            self._load()
+            # Memory may be ahead of the disk now: go back to the last committed state. If that
+            # fails too (a full disk), the next refresh tries again first; this one's error is raised.
+            self._reload_pending = True
+            with contextlib.suppress(Exception):
+                self._reload_if_a_refresh_failed()
             raise
         release_free_memory(len(changes))
 
+    def _reload_if_a_refresh_failed(self) -> None:
+        if self._reload_pending:
+            self._text.rollback()
+            self._load()
+            self._reload_pending = False
+
     def _apply_newer(self, changes: Sequence[Change], checkpoint: dict[str, Any] | None,
                      keep_tombstones_s: float) -> None:
+        self._reload_if_a_refresh_failed()  # versions are read from the committed state
         if self._tombstones is None:
             self._tombstones = Tombstones.open(self.directory, self._generation, create=True)
         kept = self._newer_changes(changes)
@@ -385,12 +408,13 @@ class Collection:
     def _commit(self, snapshot: Snapshot, checkpoint: dict[str, Any] | None) -> None:
         generation = self._generation + 1
         previous = {id(view) for view in self._snapshot.views}
+        committed = {view.segment.seg_id for view in self._snapshot.views}
         entries = []
         files: dict[Path, bytes | pa.RecordBatch] = {}
         for view in snapshot.views:
             seg_id = view.segment.seg_id
             if id(view) not in previous:
-                if not (self.directory / Segment.file_name(seg_id)).exists():
+                if seg_id not in committed:  # (a file of that name is a failed refresh's: replaced)
                     files[self.directory / Segment.file_name(seg_id)] = view.segment.batch
                 if view.deleted is not None:
                     self._deletes_file[seg_id] = f"seg-{seg_id:08d}.del.{generation}"
@@ -414,8 +438,9 @@ class Collection:
         }
         tmp = self.directory / (MANIFEST + ".tmp")
         write_fsync(tmp, orjson.dumps(manifest))
+        fsync_directory(self.directory)  # the new files' entries, before the manifest names them
         os.replace(tmp, self.directory / MANIFEST)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         self._generation = generation
         self._snapshot = snapshot
         self.last_refresh_at = time.time()
@@ -498,11 +523,3 @@ def _merged_schema(schema: pa.Schema, batch_schema: pa.Schema) -> pa.Schema:
     for f in batch_schema:
         fields[f.name] = merge_types(fields[f.name], f.type) if f.name in fields else f.type
     return pa.schema([SYSTEM_FIELDS.field(n) if n in SYSTEM_NAMES else pa.field(n, t) for n, t in fields.items()])
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -50,6 +50,15 @@ def write_fsync(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make the directory's entries durable: files created, renamed or removed in it."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # A refresh writes its segment and a deletion mask for each segment whose rows it replaced.
 # Their fsyncs run side by side, so the file system commits them in one journal flush or a
 # few rather than one each (3x faster on ext4 here); and the whole write runs beside the

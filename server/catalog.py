@@ -24,6 +24,7 @@ from pathlib import Path
 import orjson
 
 from shoal.index.collection import Collection, Snapshot
+from shoal.index.segment import fsync_directory
 from shoal.ingest.pipeline import SourcePipeline
 from shoal.sql.mapping import FieldMapping
 
@@ -56,6 +57,7 @@ def write_private(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)  # what the API confirmed survives a power cut
 
 
 @dataclass
@@ -211,5 +213,7 @@ class Catalog:
             # Renamed first, so a crash mid-removal never leaves a half collection to load.
             trash = self._collections_dir / f".deleted-{uuid.uuid4().hex}"
             os.replace(directory, trash)
+            fsync_directory(directory.parent)  # a deleted collection must not come back after a power cut
+            fsync_directory(self._collections_dir)
             await asyncio.to_thread(shutil.rmtree, trash, True)
             return live

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 
 import pytest
 
-from shoal.index.collection import Change, Collection, MAX_SEGMENTS
+from shoal.index import collection as collection_module
+from shoal.index.collection import MANIFEST, MAX_SEGMENTS, Change, Collection
+from shoal.index.textindex import TextIndex, TextPredicate
 
 META = {"table": "t", "event": "INSERT", "sequence_number": None}
 
@@ -86,3 +89,63 @@ async def test_cancelling_a_writer_lets_its_refresh_finish(tmp_path):
     reopened = Collection.open(tmp_path)
     assert reopened.doc_count in (0, 5000)  # all or nothing
     await reopened.close()
+
+
+def searched(collection: Collection, word: str) -> set[str]:
+    """The _ids a search of `word` in `w` finds, read from the snapshot's matches."""
+    predicate = TextPredicate(("w",), word)
+    return {row["_id"] for batch in collection.snapshot().search([predicate], None) for row in batch.to_pylist()}
+
+
+async def test_a_first_refresh_cut_off_before_its_manifest_leaves_nothing_behind(tmp_path):
+    """Killed after a first refresh wrote its segment and index, before its manifest: the
+    collection reopens empty, and the next first refresh stores its own documents, not the
+    segment file the first one left."""
+    collection = Collection.open(tmp_path)
+    await collection.apply([upsert("a", w="alpha"), upsert("b", w="bravo")], {"pos": 1})
+    await collection.close()
+    (tmp_path / MANIFEST).unlink()  # what kill -9 just before the manifest's rename leaves
+
+    collection = Collection.open(tmp_path)
+    assert rows(collection) == {} and searched(collection, "alpha") == set()
+    await collection.apply([upsert("x", w="xray")], {"pos": 1})
+    await collection.close()
+    collection = Collection.open(tmp_path)
+    assert rows(collection) == {"x": {"w": "xray"}}
+    assert searched(collection, "xray") == {"x"} and searched(collection, "alpha") == set()
+    await collection.close()
+
+
+async def test_a_refresh_failing_twice_on_a_full_disk_leaves_arrow_and_search_in_step(tmp_path, monkeypatch):
+    """A refresh's manifest write fails (a full disk) after its index commit; going back to the
+    committed state must rebuild the index, and that fails too. The next refresh first goes
+    back again, so search and Arrow hold the same documents, then and after a restart."""
+    collection = Collection.open(tmp_path)
+    await collection.apply([upsert(k, w=f"word{k}") for k in "abc"], {"pos": 1})
+    real_write, real_commit = collection_module.write_fsync, TextIndex.commit
+    full = {"manifest": True, "rebuild": True}
+
+    def write_fsync(path, data):
+        if path.name.startswith(MANIFEST) and full.pop("manifest", False):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    def commit(index, generation):
+        if generation == 1 and full.pop("rebuild", False):  # the rebuild of generation 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_commit(index, generation)
+
+    monkeypatch.setattr(collection_module, "write_fsync", write_fsync)
+    monkeypatch.setattr(TextIndex, "commit", commit)
+    with pytest.raises(OSError):
+        await collection.apply([upsert("d", w="wordd")], {"pos": 2})
+    assert not full, "both faults happened"
+    await collection.apply([upsert("e", w="worde")], {"pos": 3})
+    expected = {"a", "b", "c", "e"}
+    assert set(rows(collection)) == expected and collection.checkpoint == {"pos": 3}
+    assert {k for k in "abcde" if searched(collection, f"word{k}")} == expected
+    await collection.close()
+    collection = Collection.open(tmp_path)
+    assert set(rows(collection)) == expected
+    assert {k for k in "abcde" if searched(collection, f"word{k}")} == expected
+    await collection.close()
