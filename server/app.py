@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import AsyncIterator
 
 from aiohttp import web
 
-from .auth import API_KEYS, ApiKeys, require_api_key
+from .auth import API_KEYS, ApiKeys, WithoutApiKeys, require_api_key
 from .auth import routes as key_routes
 from .catalog import Catalog
 from .errors import json_errors
@@ -25,6 +26,8 @@ SHUTDOWN_GRACE_S = 5.0
 
 def make_app(data_dir: Path, keys: ApiKeys, limits: QueryLimits = QueryLimits()) -> web.Application:
     app = web.Application(middlewares=[json_errors, require_api_key(keys)], client_max_size=MAX_BODY_BYTES)
+    if not any(isinstance(f, WithoutApiKeys) for f in logging.getLogger("aiohttp.server").filters):
+        logging.getLogger("aiohttp.server").addFilter(WithoutApiKeys())
     app.add_routes(routes)
     app.add_routes(query_routes)
     app.add_routes(lambda_routes)

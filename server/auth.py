@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import re
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +39,23 @@ from .specs import check_name
 KEYS_FILE = "api_keys.json"
 # Rockset's built-in roles; Shoal has one user with full access, so only `admin` is honest.
 ROLES = ("admin",)
+
+
+class WithoutApiKeys(logging.Filter):
+    """For aiohttp's server log: a request it cannot parse (say, a control character in a
+    header) is logged with the raw line, so an Authorization header's key would be written to
+    the log. The key is replaced, in the message and in the traceback's text."""
+
+    _HEADER = re.compile(r"(?i)(authorization:\s*)\S+(?:[ \t]+[^\s'\"\\]+)?")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        record.msg, record.args = self._HEADER.sub(r"\1(not shown)", record.getMessage()), None
+        if record.exc_text:
+            record.exc_text = self._HEADER.sub(r"\1(not shown)", record.exc_text)
+        return True
 
 
 def _digest(key: str) -> str:
