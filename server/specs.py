@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from shoal.ingest.aws import AwsAccess
 from shoal.ingest.pipeline import SourceConfig, SourceStatus
@@ -82,7 +83,10 @@ def parse_integration(body: Any, now: str) -> IntegrationSpec:
     _known_fields(dynamodb, {"aws_access_key", "aws_role", "s3_export_bucket_name", "endpoint_url"}, "dynamodb")
     if "aws_access_key" in dynamodb and "aws_role" in dynamodb:
         raise invalid("give either dynamodb.aws_access_key or dynamodb.aws_role, not both")
-    access: dict[str, Any] = {"endpoint_url": _string(dynamodb, "endpoint_url", "dynamodb", required=False)}
+    endpoint_url = _string(dynamodb, "endpoint_url", "dynamodb", required=False)
+    if endpoint_url is not None and urlsplit(endpoint_url).scheme not in ("http", "https"):
+        raise invalid(f"dynamodb.endpoint_url must be an http:// or https:// URL; got {endpoint_url!r}")
+    access: dict[str, Any] = {"endpoint_url": endpoint_url}
     if "aws_access_key" in dynamodb:
         keys = _object(dynamodb["aws_access_key"], "dynamodb.aws_access_key")
         access["access_key_id"] = _string(keys, "aws_access_key_id", "dynamodb.aws_access_key")

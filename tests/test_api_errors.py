@@ -162,6 +162,7 @@ async def test_malformed_json_is_400(server: ShoalProcess, path, raw):
     {"dynamodb": {"aws_access_key": {"aws_access_key_id": "a", "aws_secret_access_key": "b"}}},
     {"name": 42, "dynamodb": {}},
     [],
+    {"name": "files", "dynamodb": {"endpoint_url": "file:///etc/passwd"}},
 ])
 async def test_integration_missing_fields_is_400(server: ShoalProcess, body):
     assert_error(await server.request("POST", INTEGRATIONS, body), 400)
