@@ -17,6 +17,7 @@ removed after it is replaced.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import time
@@ -192,7 +193,8 @@ class Collection:
                     data = (self.directory / entry["deletes"]).read_bytes()
                     deleted = SegmentView.deleted_from_bytes(data, segment.rows)
                 views.append(SegmentView(segment, deleted))
-            schema, version = SYSTEM_FIELDS, 1
+            # The schema as queries knew it: segments holding a field may all have been dropped.
+            schema, version = _schema_from_text(manifest["schema"]) if "schema" in manifest else SYSTEM_FIELDS, 1
             for view in views:
                 schema = _merged_schema(schema, view.segment.batch.schema)
                 ids = view.segment.batch.column("_id")
@@ -434,6 +436,7 @@ class Collection:
             "next_rowid": self._next_rowid,
             "next_seg_id": self._next_seg_id,
             "segments": entries,
+            "schema": _schema_text(snapshot.schema),
             "checkpoint": self.checkpoint,
         }
         tmp = self.directory / (MANIFEST + ".tmp")
@@ -515,6 +518,14 @@ _RENAMED_NAMES = SYSTEM_NAMES | {SCORE_COLUMN}
 def _text_fields(schema: pa.Schema) -> dict[str, tuple[str, pa.DataType]]:
     """Per user column, the attribute the text index holds it under, and its type."""
     return {f.name: (item_name(f.name), f.type) for f in schema if f.name not in SYSTEM_NAMES}
+
+
+def _schema_text(schema: pa.Schema) -> str:
+    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
+
+
+def _schema_from_text(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
 
 
 def _merged_schema(schema: pa.Schema, batch_schema: pa.Schema) -> pa.Schema:

@@ -149,3 +149,19 @@ async def test_a_refresh_failing_twice_on_a_full_disk_leaves_arrow_and_search_in
     assert set(rows(collection)) == expected
     assert {k for k in "abcde" if searched(collection, f"word{k}")} == expected
     await collection.close()
+
+
+async def test_a_restart_keeps_the_fields_of_dropped_segments(tmp_path):
+    """Once no document holds a field its segments are dropped, but queries still know the
+    field (it reads as null); a restart keeps it, and the fields' order, rather than
+    rebuilding the schema from the segments left."""
+    collection = Collection.open(tmp_path)
+    await collection.apply([upsert("a", gone=1, kept="k")], None)
+    await collection.apply([upsert("a", kept="k2"), upsert("b", later=True)], None)
+    names = collection.snapshot().query_schema.names
+    assert "gone" in names
+    await collection.close()
+    collection = Collection.open(tmp_path)
+    assert collection.snapshot().query_schema.names == names
+    assert rows(collection) == {"a": {"kept": "k2"}, "b": {"later": True}}
+    await collection.close()
