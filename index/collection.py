@@ -8,7 +8,7 @@ Queries read whichever snapshot was published when they started, so they never s
 refresh, and a restart resumes from a checkpoint that matches the data on disk exactly.
 
 On disk (`directory/`): `manifest.json` (generation, segments, deletion-mask files, the
-checkpoint), `seg-N.arrow` (written once), `seg-N.del.G` (mask as of generation G), `text/`,
+schema queries know, the checkpoint), `seg-N.arrow` (written once), `seg-N.del.G` (mask as of generation G), `text/`,
 and `tombstones.sqlite` once `apply_newer` has been used (`shoal.index.tombstones`).
 The manifest is replaced atomically (write, fsync, rename); files it no longer names are
 removed after it is replaced.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
+import logging
 import os
 import time
 import weakref
@@ -40,6 +40,8 @@ from .segment import (HIDDEN_NAMES, SYSTEM_FIELDS, SYSTEM_NAMES, Segment, Segmen
                       fsync_directory, write_fsync)
 from .textindex import TextIndex, TextPredicate, TextSearcher
 from .tombstones import Tombstones
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # The relevance of each document in a search result (BM25), as SQL's SCORE() reads it.
@@ -144,6 +146,7 @@ class Collection:
         self._deletes_file: dict[int, str] = {}  # segment id → its persisted deletion mask
         self.last_refresh_at: float | None = None
         self._reload_pending = False  # a refresh failed, and so did going back to the disk's state
+        self._schema_written: tuple[pa.Schema | None, str] = (None, "")
         self._load()
         self._tombstones = Tombstones.open(directory, self._generation)  # drops those of an unfinished refresh
         self._tombstones_pruned_at = 0.0
@@ -266,6 +269,8 @@ class Collection:
                     # A started refresh runs to its end, however often the caller is cancelled:
                     # the lock must outlive the worker thread.
                     cancelled = True
+                except BaseException:
+                    break  # the refresh failed: raised below, unless the caller was cancelled
             if cancelled:
                 raise asyncio.CancelledError
             refresh.result()
@@ -281,8 +286,10 @@ class Collection:
             # Memory may be ahead of the disk now: go back to the last committed state. If that
             # fails too (a full disk), the next refresh tries again first; this one's error is raised.
             self._reload_pending = True
-            with contextlib.suppress(Exception):
+            try:
                 self._reload_if_a_refresh_failed()
+            except Exception:
+                log.exception("going back to the last committed state of %s failed; the next refresh tries again", self.directory)
             raise
         release_free_memory(len(changes))
 
@@ -436,7 +443,7 @@ class Collection:
             "next_rowid": self._next_rowid,
             "next_seg_id": self._next_seg_id,
             "segments": entries,
-            "schema": _schema_text(snapshot.schema),
+            "schema": self._schema_text(snapshot.schema),
             "checkpoint": self.checkpoint,
         }
         tmp = self.directory / (MANIFEST + ".tmp")
@@ -448,6 +455,12 @@ class Collection:
         self._snapshot = snapshot
         self.last_refresh_at = time.time()
         self._remove_unreferenced_files()
+
+    def _schema_text(self, schema: pa.Schema) -> str:
+        """The schema as the manifest holds it, serialized once per schema (it rarely changes)."""
+        if self._schema_written[0] is not schema:
+            self._schema_written = (schema, base64.b64encode(schema.serialize().to_pybytes()).decode("ascii"))
+        return self._schema_written[1]
 
     def _remove_unreferenced_files(self) -> None:
         referenced = {Segment.file_name(view.segment.seg_id) for view in self._snapshot.views}
@@ -518,10 +531,6 @@ _RENAMED_NAMES = SYSTEM_NAMES | {SCORE_COLUMN}
 def _text_fields(schema: pa.Schema) -> dict[str, tuple[str, pa.DataType]]:
     """Per user column, the attribute the text index holds it under, and its type."""
     return {f.name: (item_name(f.name), f.type) for f in schema if f.name not in SYSTEM_NAMES}
-
-
-def _schema_text(schema: pa.Schema) -> str:
-    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
 
 
 def _schema_from_text(text: str) -> pa.Schema:

@@ -96,6 +96,12 @@ def change_from_kinesis(record: dict[str, Any], key_names: tuple[str, ...], tabl
     )
 
 
+def _arrival_s(record: dict[str, Any]) -> float:
+    """When Kinesis took the record (epoch seconds); botocore reads it as a datetime."""
+    arrived = record.get("ApproximateArrivalTimestamp")
+    return arrived.timestamp() if arrived is not None else time.time()
+
+
 class KinesisReader(ShardRounds):
     """Reads one Kinesis stream from `position`."""
 
@@ -218,8 +224,10 @@ class KinesisReader(ShardRounds):
             full = len(page.records) >= GET_RECORDS_LIMIT
             shard.due = now if full else now + self.poll_interval_s
             shard.empty_reads, shard.at_tip = 0, False
-            if changes:
-                shard.fresh_as_of = state["read_up_to"] = max(change.event_time_us for change in changes) / 1_000_000
+            # Read up to the newest record's arrival (what retention trims by), other tables'
+            # records too: a table idle on a shared stream is still read up to date.
+            arrived = max(_arrival_s(record) for record in page.records)
+            shard.fresh_as_of = state["read_up_to"] = max(state.get("read_up_to", 0.0), arrived)
         else:
             shard.empty_reads += 1
             shard.at_tip = page.at_tip

@@ -332,7 +332,11 @@ class SourcePipeline:
             failures = export.get("failures", 0) + 1
             export = {"bucket": export["bucket"], "prefix": export_prefix(table_name), "arn": None,
                       "failures": failures, "failed_at": time.time(), "failure": str(problem)}
-            scan = {**scan, "records_processed": 0, "export": export}
+            # The next export's load starts now: what this one loaded is replaced or removed after
+            # it (`_remove_unscanned`), and an old start would age the stream position with it.
+            scan = {key: value for key, value in scan.items() if key != "export_time"}
+            scan = {**scan, "start_time": _now_iso(), "records_processed": 0, "export": export}
+            self.status.scan_start_time, self.status.scan_records_processed = scan["start_time"], 0
             await self.collection.apply([], {"phase": "scan", "stream": stream_position, "scan": scan})
 
         async with self.access.client("dynamodb", self.config.region) as dynamodb, \
@@ -473,7 +477,7 @@ def _advice_if_slower_than_the_stream(checkpoint: dict) -> str:
     took = (datetime.fromisoformat(scan["end_time"]) - datetime.fromisoformat(scan["start_time"])).total_seconds()
     if took < RETENTION_S - RETENTION_MARGIN_S:
         return ""
-    return (f". The bulk load took {took / 3600:.1f} hours, longer than the stream keeps changes (24 hours), so a "
+    return (f". The bulk load took {took / 3600:.1f} hours, longer than a DynamoDB stream keeps changes, so a "
             "rebuild would end the same way: give the collection a larger rcu budget, or load by export to S3 "
             "(use_scan_api false)")
 

@@ -266,13 +266,13 @@ class ShardRounds:
         states = self.position["shards"]
         changed = False
         for shard_id, state in states.items():  # raised before anything changes: rounds queued still apply
-            if shard_id not in listed and not state["done"]:
+            if shard_id not in listed and not state["done"] and not self._lost_records_are_covered():
                 raise StreamTrimmed(
                     f"{self.STREAM} shard {shard_id} expired before it was read to its end "
                     f"(last sequence number read: {state['seq'] or 'none'})"
                 )
         for shard_id in [s for s in states if s not in listed]:
-            del states[shard_id]  # finished, and now past retention
+            del states[shard_id]  # finished (or its records all older than the bulk load), and now past retention
             changed = True
         for shard_id in listed:
             if shard_id not in states:
@@ -286,6 +286,10 @@ class ShardRounds:
         self._listed_at = listed_at
         self._list_due = time.monotonic() + (interval_s if self._readable() else retry_s)
         return changed
+
+    def _lost_records_are_covered(self) -> bool:
+        """Whether records trimmed by now are all in the collection already (see StreamReader)."""
+        return False
 
     async def _list(self) -> bool:
         raise NotImplementedError
@@ -366,7 +370,7 @@ class StreamReader(ShardRounds):
                     shard.due = time.monotonic() + throttle_wait(self.poll_interval_s, shard.throttles)
                     return None
                 except self.client.exceptions.TrimmedDataAccessException as error:
-                    if not self._trimmed_only_what_is_covered():
+                    if not self._lost_records_are_covered():
                         raise StreamTrimmed(
                             f"the stream was trimmed past the saved position of shard {shard_id} "
                             f"(sequence number {seq or 'TRIM_HORIZON'}): changes after it were lost"
@@ -383,7 +387,7 @@ class StreamReader(ShardRounds):
                 return Page(response.get("Records", []), ended=shard.iterator is None)
         raise AssertionError("unreachable")
 
-    def _trimmed_only_what_is_covered(self) -> bool:
+    def _lost_records_are_covered(self) -> bool:
         """Whether every record trimmed by now is older than `covered_before`: DynamoDB trims
         records older than RETENTION_S (a little early, by our clock)."""
         trimmed_before = time.time() - RETENTION_S + RETENTION_MARGIN_S

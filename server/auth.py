@@ -46,15 +46,15 @@ class WithoutApiKeys(logging.Filter):
     header) is logged with the raw line, so an Authorization header's key would be written to
     the log. The key is replaced, in the message and in the traceback's text."""
 
-    _HEADER = re.compile(r"(?i)(authorization:\s*)\S+(?:[ \t]+[^\s'\"\\]+)?")
+    # The header's name, anything up to its colon (`Authorization :`, escapes), and the value.
+    _HEADER = re.compile(r"(?i)(authorization[^:'\"\n]{0,20}:)[^'\"\n]*")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info:
+        if record.exc_info and not record.exc_text:  # kept: handlers may read the exception itself
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-            record.exc_info = None
-        record.msg, record.args = self._HEADER.sub(r"\1(not shown)", record.getMessage()), None
+        record.msg, record.args = self._HEADER.sub(r"\1 (not shown)", record.getMessage()), None
         if record.exc_text:
-            record.exc_text = self._HEADER.sub(r"\1(not shown)", record.exc_text)
+            record.exc_text = self._HEADER.sub(r"\1 (not shown)", record.exc_text)
         return True
 
 

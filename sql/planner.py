@@ -231,8 +231,8 @@ def _keep_output_names(tree: exp.Expression, names: dict[int, str]) -> None:
 # expression's depth (`SELECT 1+1+...+1` of 4,000 terms: 15 s) and overflows the thread's
 # stack, killing the server, past ~10,000 levels.
 MAX_QUERY_CHARS = 256 * 1024
-MAX_QUERY_TOKENS = 10_000
-MAX_QUERY_DEPTH = 256
+MAX_QUERY_TOKENS = 20_000
+MAX_QUERY_DEPTH = 500
 _TOO_DEEP = "the query nests parentheses, subqueries or paths too deeply"
 
 
@@ -328,7 +328,7 @@ def _checked_rows(select: exp.Select, side: exp.Expression, number: int) -> exp.
     rows.this.set("from_", exp.From(this=side))  # moved, not copied: later passes edit it in place
     for expression in select.expressions:
         qualified = isinstance(expression, exp.Column) and isinstance(expression.this, exp.Star)
-        if isinstance(expression, exp.Star) or (qualified and name is not None and expression.table == name.name):
+        if isinstance(expression, exp.Star) or (qualified and name is not None and expression.table.lower() == name.name.lower()):
             star = expression.this if qualified else expression
             star.set("except_", [*(star.args.get("except_") or []), exp.column(column, quoted=True)])
     return exp.column(column, quoted=True)

@@ -108,17 +108,18 @@ async def test_a_key_of_other_bytes_is_401(server: ShoalProcess):
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
 
 
-async def test_a_key_in_a_request_that_cannot_be_parsed_is_not_logged(server: ShoalProcess):
+@pytest.mark.parametrize("header", ["Authorization: ApiKey {key}\x01", "Authorization : ApiKey {key}"])
+async def test_a_key_in_a_request_that_cannot_be_parsed_is_not_logged(server: ShoalProcess, header):
     """aiohttp logs a request line it cannot parse as it came; the key in it is not written."""
     key = "leakcheck" + uuid.uuid4().hex
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(f"GET /v1/orgs/self/integrations HTTP/1.1\r\nHost: x\r\nAuthorization: ApiKey {key}\x01\r\n\r\n".encode())
+    writer.write(f"GET /v1/orgs/self/integrations HTTP/1.1\r\nHost: x\r\n{header.format(key=key)}\r\n\r\n".encode())
     answer = await reader.read()
     writer.close()
     assert answer.startswith(b"HTTP/1.0 400"), answer[:100]
     await asyncio.sleep(0.2)
     log = server.log_tail(400)
-    assert "Invalid header value char" in log and "Authorization: (not shown)" in log, log[-2000:]
+    assert "Invalid header" in log and "(not shown)" in log, log[-2000:]
     assert key not in log
 
 
