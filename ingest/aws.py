@@ -8,6 +8,7 @@ moto or DynamoDB Local) wins; otherwise botocore honours AWS_ENDPOINT_URL[_DYNAM
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -16,6 +17,17 @@ from aiobotocore.credentials import AioCredentialResolver, AioRefreshableCredent
 from aiobotocore.session import AioSession, get_session
 from botocore.credentials import CredentialProvider
 from botocore.loaders import create_loader
+
+# A credential header as a request line or an AWS message quotes it (`Authorization: ...`,
+# `x-amz-security-token:...`, also with escapes or spaces before the colon), to the line's or
+# the quote's end.
+_SECRET_HEADER = re.compile(r"(?i)((?:authorization|x-amz-security-token)[^:'\"\n]{0,20}:)[^'\"\n]*")
+
+
+def without_secrets(text: str) -> str:
+    """`text` with the value of every credential header it quotes replaced: for status and logs."""
+    return _SECRET_HEADER.sub(r"\1 (not shown)", text)
+
 
 # Ingest loops retry with their own backoff and report failures in the collection status,
 # so botocore gives up quickly instead of hiding a fault behind long retries.

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from shoal.index.collection import Change, Collection, Snapshot
 
-from .aws import AwsAccess
+from .aws import AwsAccess, without_secrets
 from .decode import document_id, item_text
 from .export import (
     DOWNLOADING,
@@ -555,7 +555,6 @@ _INVALID_CREDENTIALS = ("UnrecognizedClientException", "InvalidSignatureExceptio
 # AWS's InvalidSignatureException quotes the request it expected to be signed, session token
 # included: status and log show neither.
 _EXPECTED_REQUEST = re.compile(r"\s*The Canonical String for this request should have been.*", re.S)
-_SECRET_HEADER = re.compile(r"(x-amz-security-token|authorization)\s*:\s*\S+", re.I)
 
 
 def _describe_error(error: Exception, config: SourceConfig) -> str:
@@ -569,7 +568,7 @@ def _describe_error(error: Exception, config: SourceConfig) -> str:
     if not (isinstance(response, dict) and "Error" in response):
         return str(error) or type(error).__name__
     code = response["Error"].get("Code", "Error")
-    message = _SECRET_HEADER.sub(r"\1: (not shown)", _EXPECTED_REQUEST.sub("", response["Error"].get("Message", "")))
+    message = without_secrets(_EXPECTED_REQUEST.sub("", response["Error"].get("Message", "")))
     described = f"{code}: {message}".strip()
     said = described.rstrip(".") + "."  # what AWS said, as a sentence the advice follows
     operation = getattr(error, "operation_name", "")

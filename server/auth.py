@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from shoal.ingest.aws import without_secrets
 
 from .catalog import now_iso, write_private
 from .errors import ApiError, conflict, error_response, invalid, not_found
@@ -46,15 +47,12 @@ class WithoutApiKeys(logging.Filter):
     header) is logged with the raw line, so an Authorization header's key would be written to
     the log. The key is replaced, in the message and in the traceback's text."""
 
-    # The header's name, anything up to its colon (`Authorization :`, escapes), and the value.
-    _HEADER = re.compile(r"(?i)(authorization[^:'\"\n]{0,20}:)[^'\"\n]*")
-
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and not record.exc_text:  # kept: handlers may read the exception itself
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        record.msg, record.args = self._HEADER.sub(r"\1 (not shown)", record.getMessage()), None
+        record.msg, record.args = without_secrets(record.getMessage()), None
         if record.exc_text:
-            record.exc_text = self._HEADER.sub(r"\1 (not shown)", record.exc_text)
+            record.exc_text = without_secrets(record.exc_text)
         return True
 
 
