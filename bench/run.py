@@ -122,12 +122,14 @@ def run_script(name: str, arguments: list[str], out: Path, timeout_s: float | No
 
 
 def plot_sync_lag(figures: dict, path: Path) -> None:
-    """Lag of each write request over the phase, Shoal vs the bare stream poller, one panel per rate."""
+    """Lag of each write request over the phase, one panel per rate: Shoal through moto, the bare
+    stream poller on moto, and Shoal through the streams double."""
     phases = figures["phases"]
     fig, axes = plt.subplots(len(phases), 1, figsize=(9, 2.8 * len(phases)), squeeze=False, sharex=True)
     for ax, phase in zip(axes[:, 0], phases):
-        for key, label, colour in (("shoal", "Shoal (write ack → visible in SQL)", "tab:blue"),
-                                   ("baseline", "baseline (write ack → GetRecords)", "tab:grey")):
+        for key, label, colour in (("shoal", "Shoal through moto (write ack → visible in SQL)", "tab:blue"),
+                                   ("baseline", "baseline (write ack → GetRecords)", "tab:grey"),
+                                   ("double", "Shoal through the streams double (record filed → visible)", "tab:green")):
             series = phase[key][0]["series"]  # the first run
             ax.plot([t for t, _ in series], [lag for _, lag in series], ".", ms=2, color=colour, label=label)
         ax.set_title(f"{phase['rate']:,} changes/s asked", fontsize=10)

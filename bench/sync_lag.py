@@ -1,12 +1,29 @@
 """Sync lag: from a write acknowledged by the endpoint to the change visible in SQL.
 
-Everything runs on this machine: a moto server (DynamoDB + Streams) and a real Shoal server,
-both started here. Writer threads write new items at a steady rate (100, 500 and 2,000
-changes/s by default) with BatchWriteItem: about 100 requests/s in all, each carrying
-`rate / 100` items, each writer on its own schedule and connection, sleeping until the
-planned moment of its next request (a late request goes at once; the achieved rate is
-printed). Every item carries its writer `w` and a sequence number `seq`, increasing per
-writer; the write's acknowledgement time is recorded here when the request returns.
+Everything runs on this machine: a moto server (DynamoDB + Streams), the streams double of
+the tests (`tests/streams_double.py`) and a real Shoal server, all started here. Writer
+threads write new items at a steady rate (100, 500 and 2,000 changes/s by default): about
+100 write requests/s in all, each carrying `rate / 100` items, each writer on its own
+schedule, sleeping until the planned moment of its next request (a late request goes at
+once; the achieved rate is printed). Every item carries its writer `w` and a sequence number
+`seq`, increasing per writer; the write's acknowledgement time is recorded when it returns.
+
+Three phases per rate:
+
+- **Shoal through moto**: BatchWriteItem into a moto table that a collection follows. moto
+  takes only ~1,200-1,400 writes/s here (shared facts §4), so at 2,000/s asked it is the
+  limit, and its own stream lags.
+- **baseline**: the same writers on a second moto table, read by a bare GetRecords poller
+  (no Shoal) scheduled like Shoal's reader (a full page is read again at once, a page with
+  records after the poll interval, an empty one after `idle_wait`), recording when each
+  record arrives. The ratio Shoal ÷ baseline is Shoal's own cost: applying (Arrow, tantivy,
+  fsync) and answering the probe.
+- **Shoal through the streams double**: the writers file INSERT records straight into the
+  double's stream (the ack is `add_record` returning: the record is readable then), which a
+  third collection follows through the real DynamoDB Streams protocol (its DescribeTable
+  and Scan go on to moto). This is the rate Shoal itself sustains, without moto's write
+  limit; the stream has two shards, as real DynamoDB's has at least at 2,000 writes/s (one
+  partition takes 1,000 WCU).
 
 The visibility probe asks Shoal `SELECT w, MAX(seq) ... GROUP BY w` every `--probe-ms`
 (a few ms each, over the whole collection). A writer's items reach the stream in the order
@@ -15,16 +32,9 @@ every item of w up to s is visible. Each item is counted visible when the answer
 probe that saw it arrived: an upper bound, at most one probe gap (printed as the probe's
 resolution) above the true moment. The first second of each phase is warm-up, not counted.
 
-Baseline, measured in the same run on a second table with the same writers: a bare
-GetRecords poller on that table's stream (no Shoal), scheduled like Shoal's reader (a full
-page is read again at once, a page with records after the poll interval, an empty one after
-`idle_wait`), recording when each record arrives. The ratio Shoal ÷ baseline is Shoal's own
-cost: applying (Arrow, tantivy, fsync) and answering the probe.
-
-Also sampled every 0.5 s: the collection's own `stats.sync_lag_ms`, which the pipeline sets
-after each round to now minus the creation time of the newest record it applied. It leaves
-out the time a change waits for the next round, so it reads lower than the probe (and real
-DynamoDB stamps records to the second, which can make it read higher).
+Also sampled every 0.5 s: the collection's own `stats.sync_lag_ms` (now minus the creation
+time of what the stream is read up to). The double, like DynamoDB, stamps records to the
+second, so there it reads up to a second higher than the probe.
 
     .venv/bin/python bench/sync_lag.py --quick     # 5 s per rate and phase
     .venv/bin/python bench/sync_lag.py             # 20 s per rate and phase
@@ -49,12 +59,14 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import boto3
 from botocore.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from streams_double import StreamsDouble  # noqa: E402
 from support import AWS_ENV, LOCAL_NO_PROXY, Dynamo, MotoProcess, ShoalProcess  # noqa: E402
 
 from shoal.ingest.streams import GET_RECORDS_LIMIT, idle_wait  # noqa: E402
@@ -63,7 +75,6 @@ REQUESTS_PER_S = 100  # BatchWriteItem requests per second, all writers together
 WRITERS = 4
 WARM_UP_S = 1.0
 PAD = "x" * 100  # about 150 bytes per item in all
-COLLECTION = "lag"
 
 
 # --------------------------------------------------------------------------- writing
@@ -87,8 +98,35 @@ def boto3_client(service: str, endpoint: str):
     )
 
 
-def write_steadily(endpoint: str, table: str, rate: float, seconds: float, first_seq: dict[int, int]) -> Writes:
-    """`rate` items/s for `seconds` from WRITERS threads; returns what was written and when."""
+def batch_writer(endpoint: str, table: str) -> Callable[[], Callable[[list[dict]], None]]:
+    """Per writer thread, a function that writes items to `table` with BatchWriteItem on its
+    own connection, retrying what DynamoDB leaves unprocessed; returns once all are acked."""
+    def connect() -> Callable[[list[dict]], None]:
+        client = boto3_client("dynamodb", endpoint)
+
+        def put(items: list[dict]) -> None:
+            pending = {table: [{"PutRequest": {"Item": item}} for item in items]}
+            while pending:
+                pending = client.batch_write_item(RequestItems=pending).get("UnprocessedItems") or {}
+        return put
+    return connect
+
+
+def stream_writer(double: StreamsDouble, stream_arn: str) -> Callable[[], Callable[[list[dict]], None]]:
+    """Per writer thread, a function that files items as INSERT records straight into the
+    streams double: a record is readable once `add_record` returns (its ack)."""
+    def connect() -> Callable[[list[dict]], None]:
+        def put(items: list[dict]) -> None:
+            for item in items:
+                double.add_record(stream_arn, "INSERT", {"pk": item["pk"]}, new_image=item)
+        return put
+    return connect
+
+
+def write_steadily(connect: Callable[[], Callable[[list[dict]], None]], rate: float, seconds: float,
+                   first_seq: dict[int, int]) -> Writes:
+    """`rate` items/s for `seconds` from WRITERS threads, each writing with its own
+    `connect()`; returns what was written and when."""
     batch = max(1, round(rate / REQUESTS_PER_S))
     interval = batch / rate  # between two requests of all writers together
     start = time.monotonic() + 0.2
@@ -96,7 +134,7 @@ def write_steadily(endpoint: str, table: str, rate: float, seconds: float, first
     errors: list[BaseException] = []
 
     def writer(w: int) -> None:
-        client = boto3_client("dynamodb", endpoint)
+        put = connect()
         seq = first_seq.get(w, 0)
         k = 0
         try:
@@ -107,12 +145,8 @@ def write_steadily(endpoint: str, table: str, rate: float, seconds: float, first
                 delay = planned - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                requests = [{"PutRequest": {"Item": {
-                    "pk": {"S": f"{w}-{seq + i}"}, "w": {"N": str(w)}, "seq": {"N": str(seq + i)}, "pad": {"S": PAD},
-                }}} for i in range(batch)]
-                pending = {table: requests}
-                while pending:
-                    pending = client.batch_write_item(RequestItems=pending).get("UnprocessedItems") or {}
+                put([{"pk": {"S": f"{w}-{seq + i}"}, "w": {"N": str(w)}, "seq": {"N": str(seq + i)}, "pad": {"S": PAD}}
+                     for i in range(batch)])
                 writes.batches[w].append((seq, seq + batch - 1, planned, time.monotonic()))
                 seq += batch
                 k += 1
@@ -184,10 +218,10 @@ class Probe(threading.Thread):
 class SqlProbe(Probe):
     """`SELECT w, MAX(seq)` through Shoal's query API, every `interval_s`."""
 
-    def __init__(self, shoal: ShoalProcess, interval_s: float) -> None:
+    def __init__(self, shoal: ShoalProcess, collection: str, interval_s: float) -> None:
         super().__init__()
         self.interval_s = interval_s
-        body = {"sql": {"query": f"SELECT w, MAX(seq) AS s FROM commons.{COLLECTION} GROUP BY w"}}
+        body = {"sql": {"query": f"SELECT w, MAX(seq) AS s FROM commons.{collection} GROUP BY w"}}
         self.request = urllib.request.Request(
             shoal.url + "/v1/orgs/self/queries", data=json.dumps(body).encode(), method="POST",
             headers={"Authorization": f"ApiKey {shoal.key}", "Content-Type": "application/json"},
@@ -317,9 +351,9 @@ async def measure(probe: Probe, write, drain_timeout: float, sample_status=None)
                  probe.resolution_ms(), status, sorted(series))
 
 
-def collection_lag_sampler(shoal: ShoalProcess):
+def collection_lag_sampler(shoal: ShoalProcess, collection: str):
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(shoal.url + f"/v1/orgs/self/ws/commons/collections/{COLLECTION}",
+    request = urllib.request.Request(shoal.url + f"/v1/orgs/self/ws/commons/collections/{collection}",
                                      headers={"Authorization": f"ApiKey {shoal.key}"})
 
     def sample() -> int | None:
@@ -336,6 +370,20 @@ def show(label: str, phase: Phase) -> str:
         text += (f"   status sync_lag_ms median {statistics.median(phase.status_lag_ms):.0f}, "
                  f"max {max(phase.status_lag_ms)}")
     return text
+
+
+async def create_collection(shoal: ShoalProcess, name: str, integration: str, table: str, poll_s: float) -> None:
+    body = {"name": name, "sources": [{"integration_name": integration, "dynamodb": {
+        "table_name": table, "aws_region": "us-east-1", "use_scan_api": True,
+        "settings": {"dynamodb_stream_poll_frequency": f"PT{poll_s:g}S"}}}]}
+    created = await shoal.request("POST", "/v1/orgs/self/ws/commons/collections", body)
+    assert created.status == 200, created
+    await shoal.wait_ready(name)
+
+
+def medians(phases: list[Phase]) -> tuple[float, float, float]:
+    """Median p50, p99 and achieved rate over runs."""
+    return tuple(statistics.median(getattr(p, key) for p in phases) for key in ("p50", "p99", "achieved"))
 
 
 async def main() -> None:
@@ -356,57 +404,68 @@ async def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="shoal-bench-lag-"))
     moto = MotoProcess(work / "moto.log")
     moto.start()
+    double = StreamsDouble(moto.url).start()
     shoal = ShoalProcess(work / "data", work / "shoal.log")
     try:
         ddb = Dynamo(moto.url)
         ddb.create_table("lag_shoal")
         baseline_arn = ddb.create_table("lag_baseline")["LatestStreamArn"]
+        ddb.create_table("lag_double")
+        double_arn = double.mirror("lag_double")
+        # Real DynamoDB spreads 2,000 writes/s over at least two partitions (1,000 WCU each),
+        # so over two stream shards at least: the double's table has two from the start.
+        double.split(double_arn, double.open_shards(double_arn)[0])
         shoal.start()
         await shoal.create_integration("moto", moto.url)
-        body = {"name": COLLECTION, "sources": [{"integration_name": "moto", "dynamodb": {
-            "table_name": "lag_shoal", "aws_region": "us-east-1", "use_scan_api": True,
-            "settings": {"dynamodb_stream_poll_frequency": f"PT{args.poll:g}S"}}}]}
-        created = await shoal.request("POST", "/v1/orgs/self/ws/commons/collections", body)
-        assert created.status == 200, created
-        await shoal.wait_ready(COLLECTION)
-        print(f"moto {moto.url}, Shoal {shoal.url}; {WRITERS} writers, ~{REQUESTS_PER_S} BatchWriteItem/s, "
-              f"{seconds:g} s per rate and phase, stream poll {args.poll:g} s, SQL probe every {args.probe_ms:g} ms; "
-              f"lag = first answer that saw the item − write ack (first {WARM_UP_S:g} s not counted)", flush=True)
-        seqs = {"shoal": {}, "baseline": {}}
+        await shoal.create_integration("double", double.url)
+        await create_collection(shoal, "lag", "moto", "lag_shoal", args.poll)
+        await create_collection(shoal, "lag_double", "double", "lag_double", args.poll)
+        print(f"moto {moto.url}, streams double {double.url}, Shoal {shoal.url}; {WRITERS} writers, "
+              f"~{REQUESTS_PER_S} write requests/s, {seconds:g} s per rate and phase, stream poll {args.poll:g} s, "
+              f"SQL probe every {args.probe_ms:g} ms; lag = first answer that saw the item − write ack "
+              f"(first {WARM_UP_S:g} s not counted)", flush=True)
+        seqs: dict[str, dict[int, int]] = {"shoal": {}, "baseline": {}, "double": {}}
         summary, phases = [], []
         for rate in args.rates:
             print(f"\n{rate} changes/s", flush=True)
-            ours, bare = [], []
+            ours, bare, direct = [], [], []
             for _ in range(args.runs):
                 ours.append(await measure(
-                    SqlProbe(shoal, args.probe_ms / 1000),
-                    lambda: write_steadily(moto.url, "lag_shoal", rate, seconds, seqs["shoal"]),
-                    drain_timeout, collection_lag_sampler(shoal)))
+                    SqlProbe(shoal, "lag", args.probe_ms / 1000),
+                    lambda: write_steadily(batch_writer(moto.url, "lag_shoal"), rate, seconds, seqs["shoal"]),
+                    drain_timeout, collection_lag_sampler(shoal, "lag")))
                 print(show("Shoal", ours[-1]), flush=True)
                 bare.append(await measure(
                     StreamProbe(moto.url, baseline_arn, args.poll),
-                    lambda: write_steadily(moto.url, "lag_baseline", rate, seconds, seqs["baseline"]),
+                    lambda: write_steadily(batch_writer(moto.url, "lag_baseline"), rate, seconds, seqs["baseline"]),
                     drain_timeout))
                 print(show("baseline", bare[-1]), flush=True)
-            p50, p99 = (statistics.median(getattr(p, key) for p in ours) for key in ("p50", "p99"))
-            b50, b99 = (statistics.median(getattr(p, key) for p in bare) for key in ("p50", "p99"))
-            achieved = statistics.median(p.achieved for p in ours)
-            summary.append((rate, achieved, p50, p99, b50, b99))
-            phases.append({"rate": rate, "shoal": [asdict(p) for p in ours], "baseline": [asdict(p) for p in bare]})
+                direct.append(await measure(
+                    SqlProbe(shoal, "lag_double", args.probe_ms / 1000),
+                    lambda: write_steadily(stream_writer(double, double_arn), rate, seconds, seqs["double"]),
+                    drain_timeout, collection_lag_sampler(shoal, "lag_double")))
+                print(show("double", direct[-1]), flush=True)
+            (p50, p99, achieved), (b50, b99, _), (d50, d99, d_achieved) = map(medians, (ours, bare, direct))
+            summary.append((rate, achieved, p50, p99, b50, b99, d_achieved, d50, d99))
+            phases.append({"rate": rate, "shoal": [asdict(p) for p in ours], "baseline": [asdict(p) for p in bare],
+                           "double": [asdict(p) for p in direct]})
         print("\nmedians over runs" if args.runs > 1 else "\nsummary")
-        print("  rate      achieved   Shoal p50   p99      baseline p50   p99      ratio p50   p99")
-        for rate, achieved, p50, p99, b50, b99 in summary:
-            print(f"  {rate:>5}/s  {achieved:7.0f}/s  {p50:7.0f} ms {p99:6.0f} ms   {b50:8.0f} ms {b99:6.0f} ms   "
-                  f"{p50 / b50:7.2f}× {p99 / b99:5.2f}×")
+        print("  rate     | through moto: achieved  Shoal p50   p99      baseline p50   p99      ratio p50   p99"
+              "  | through the streams double: achieved  p50   p99")
+        for rate, achieved, p50, p99, b50, b99, d_achieved, d50, d99 in summary:
+            print(f"  {rate:>5}/s  | {achieved:7.0f}/s  {p50:7.0f} ms {p99:6.0f} ms   {b50:8.0f} ms {b99:6.0f} ms   "
+                  f"{p50 / b50:7.2f}× {p99 / b99:5.2f}×  | {d_achieved:7.0f}/s  {d50:6.0f} ms {d99:6.0f} ms")
         if args.json:
             args.json.write_text(json.dumps({
                 "seconds": seconds, "runs": args.runs, "poll_s": args.poll, "probe_ms": args.probe_ms,
                 "summary": [{"rate": rate, "achieved": achieved, "shoal_p50_ms": p50, "shoal_p99_ms": p99,
-                             "baseline_p50_ms": b50, "baseline_p99_ms": b99, "ratio_p50": p50 / b50, "ratio_p99": p99 / b99}
-                            for rate, achieved, p50, p99, b50, b99 in summary],
+                             "baseline_p50_ms": b50, "baseline_p99_ms": b99, "ratio_p50": p50 / b50, "ratio_p99": p99 / b99,
+                             "double_achieved": d_achieved, "double_p50_ms": d50, "double_p99_ms": d99}
+                            for rate, achieved, p50, p99, b50, b99, d_achieved, d50, d99 in summary],
                 "phases": phases}))
     finally:
         shoal.stop()
+        double.stop()
         moto.stop()
 
 
