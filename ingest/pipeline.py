@@ -4,8 +4,12 @@ The checkpoint saved with every refresh says where to resume:
 
     {"phase": "scan" | "stream",
      "stream": StreamReader position (taken *before* the scan starts),
-     "scan": {"start_time", "end_time", "total_records", "rcu_budget",
+     "scan": {"start_time", "clock_offset_s", "end_time", "total_records", "rcu_budget",
               **ScanProgress.to_json()}}   # per segment: next_key, done; totals of applied pages
+
+Times are this machine's; `clock_offset_s` is how far DynamoDB's clock was from it when the
+bulk load began, so a start can be compared with the changes DynamoDB stamps
+(`_bulk_load_state_time`).
 
 A restart in phase "scan" continues each segment after its last applied page (see
 `shoal.ingest.scan`), with the stream position taken before the scan first started; in
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import email.utils
 import errno
 import logging
 import random
@@ -137,12 +142,29 @@ def _iso(moment: datetime) -> str:
 
 
 def _bulk_load_state_time(checkpoint: dict) -> float | None:
-    """Epoch seconds of the table's state the bulk load began from: its start, or the export's
-    point in time when that is earlier (DynamoDB may export a state from before it was asked).
-    Changes before it are in what the bulk load read; the stream is replayed from it."""
+    """Epoch seconds, by DynamoDB's clock (which stamps the changes it is compared with), of the
+    table's state the bulk load began from: its start, or the export's point in time when that
+    is earlier (DynamoDB may export a state from before it was asked). Changes before it are in
+    what the bulk load read; the stream is replayed from it. The start is this machine's time,
+    moved back by how far DynamoDB's clock was behind (`clock_offset_s`), never forward: a
+    start later than DynamoDB's own would skip changes made during the load."""
     scan = checkpoint.get("scan", {})
-    times = [datetime.fromisoformat(scan[name]).timestamp() for name in ("start_time", "export_time") if scan.get(name)]
+    times = []
+    if scan.get("start_time"):
+        times.append(datetime.fromisoformat(scan["start_time"]).timestamp() + min(0.0, scan.get("clock_offset_s", 0.0)))
+    if scan.get("export_time"):
+        times.append(datetime.fromisoformat(scan["export_time"]).timestamp())
     return min(times) if times else None
+
+
+def _clock_offset(response: dict[str, Any]) -> float:
+    """How far DynamoDB's clock is ahead of this machine's (negative: behind), from the `Date`
+    header of one of its answers (to the second, rounded down); 0 without one."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp() - time.time() if date else 0.0
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _average_rate(scan: dict[str, Any]) -> float | None:
@@ -159,6 +181,7 @@ class SourcePipeline:
         self.config = config
         self.access = access
         self.status = SourceStatus()
+        self._clock_offset_s = 0.0  # DynamoDB's clock minus this machine's, as of the last DescribeTable
         self._restore_status(collection.checkpoint or {})
 
     def _restore_status(self, checkpoint: dict[str, Any]) -> None:
@@ -196,7 +219,9 @@ class SourcePipeline:
         changes_client = ("kinesis", _arn_region(kinesis_arn)) if kinesis_arn else ("dynamodbstreams", self.config.region)
         async with self.access.client("dynamodb", self.config.region) as dynamodb, \
                 self.access.client(*changes_client) as changes:
-            table = (await dynamodb.describe_table(TableName=self.config.table_name))["Table"]
+            described = await dynamodb.describe_table(TableName=self.config.table_name)
+            self._clock_offset_s = _clock_offset(described)
+            table = described["Table"]
             key_names = tuple(
                 k["AttributeName"] for k in sorted(table["KeySchema"], key=lambda k: k["KeyType"] != "HASH")
             )
@@ -260,8 +285,8 @@ class SourcePipeline:
             # The stream position comes first: every change from here on is replayed after the scan.
             stream_position = {"stream_arn": stream_arn, "shards": {}}
             progress = ScanProgress.start(segments_for(table, budget))
-            scan = {"start_time": _now_iso(), "end_time": None, "total_records": table.get("ItemCount", 0),
-                    "rcu_budget": budget}
+            scan = {"start_time": _now_iso(), "clock_offset_s": self._clock_offset_s, "end_time": None,
+                    "total_records": table.get("ItemCount", 0), "rcu_budget": budget}
         controller = ThrottleController(budget, rcu_per_item_guess(table))
         controller.throttled_requests = progress.throttled_requests
         self.status.scan_start_time, self.status.scan_total_records = scan["start_time"], scan["total_records"]
@@ -311,8 +336,8 @@ class SourcePipeline:
         else:
             # The stream position comes first: every change from here on is replayed after the export.
             stream_position = {"stream_arn": stream_arn, "shards": {}}
-            scan = {"start_time": _now_iso(), "end_time": None, "total_records": table.get("ItemCount", 0),
-                    "records_processed": 0, "export": {"bucket": bucket, "prefix": export_prefix(table_name), "arn": None}}
+            scan = {"start_time": _now_iso(), "clock_offset_s": self._clock_offset_s, "end_time": None,
+                    "total_records": table.get("ItemCount", 0), "records_processed": 0, "export": {"bucket": bucket, "prefix": export_prefix(table_name), "arn": None}}
             await self.collection.apply([], {"phase": "scan", "stream": stream_position, "scan": scan})
         export = scan["export"]
         self.status.state = EXPORTING
@@ -335,7 +360,8 @@ class SourcePipeline:
             # The next export's load starts now: what this one loaded is replaced or removed after
             # it (`_remove_unscanned`), and an old start would age the stream position with it.
             scan = {key: value for key, value in scan.items() if key != "export_time"}
-            scan = {**scan, "start_time": _now_iso(), "records_processed": 0, "export": export}
+            scan = {**scan, "start_time": _now_iso(), "clock_offset_s": self._clock_offset_s, "records_processed": 0,
+                    "export": export}
             self.status.scan_start_time, self.status.scan_records_processed = scan["start_time"], 0
             await self.collection.apply([], {"phase": "scan", "stream": stream_position, "scan": scan})
 

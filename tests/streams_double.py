@@ -27,6 +27,9 @@ ListStreams, with errors as HTTP 400 `{"__type": "com.amazonaws.dynamodb.v201208
 * **Throttling.** `throttle(n, operation)` fails the next n calls of an operation with
   LimitExceededException; so do more than two GetRecords in flight on one shard (DynamoDB's
   documented limit). The highest concurrency seen per shard is recorded.
+* **A clock of its own.** With `clock_offset_s`, the double's clock runs that far from this
+  machine's: records are stamped by it and every answer's `Date` header gives it, as
+  DynamoDB's clock may differ from Shoal's.
 * **Disabling and enabling a stream.** `disable_stream` closes its shards (StreamStatus
   DISABLED, later writes go unrecorded); `enable_stream` starts a new stream with a new ARN.
 
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import email.utils
 import math
 import threading
 import time
@@ -135,8 +139,9 @@ class StreamsDouble(LoopbackServer):
     name = "streams double"
 
     def __init__(self, dynamodb_url: str | None = None, first_sequence_number: int = 10**21 - 1500,
-                 describe_page_size: int = 100, read_delay_s: float = 0.0) -> None:
+                 describe_page_size: int = 100, read_delay_s: float = 0.0, clock_offset_s: float = 0.0) -> None:
         super().__init__()
+        self.clock_offset_s = clock_offset_s
         self.dynamodb_url = dynamodb_url.rstrip("/") if dynamodb_url else None
         self.describe_page_size = describe_page_size
         self.read_delay_s = read_delay_s
@@ -313,7 +318,7 @@ class StreamsDouble(LoopbackServer):
         seq = self._next_seq
         self._next_seq += 1
         body["SequenceNumber"] = str(seq)
-        body["ApproximateCreationDateTime"] = math.floor(time.time())
+        body["ApproximateCreationDateTime"] = math.floor(self._now())
         body.setdefault("SizeBytes", len(orjson.dumps(body)))
         shard.records.append((seq, record))
         return shard.shard_id, str(seq)
@@ -333,7 +338,15 @@ class StreamsDouble(LoopbackServer):
 
     # ------------------------------------------------------------------ requests
 
+    def _now(self) -> float:
+        return time.time() + self.clock_offset_s
+
     async def _handle(self, request: web.Request) -> web.Response:
+        response = await self._answer(request)
+        response.headers["Date"] = email.utils.formatdate(self._now(), usegmt=True)  # by its own clock
+        return response
+
+    async def _answer(self, request: web.Request) -> web.Response:
         target = request.headers.get("X-Amz-Target", "")
         body = await request.read()
         if target.startswith(STREAMS_PREFIX):

@@ -554,6 +554,28 @@ def mirrored(moto_server: str):
         yield running
 
 
+@pytest.fixture
+def mirrored_behind(moto_server: str):
+    """The double with DynamoDB's clock ten minutes behind this machine's."""
+    with StreamsDouble(moto_server, clock_offset_s=-600) as running:
+        yield running
+
+
+async def test_changes_apply_when_dynamodbs_clock_is_behind(mirrored_behind: StreamsDouble, ddb: Dynamo,
+                                                            table_name: str, shoal_unstarted: ShoalProcess):
+    """DynamoDB stamps changes by its own clock, here ten minutes behind Shoal's. The replay
+    skips changes made well before the bulk load began; compared by Shoal's clock, every change
+    of the first nine minutes would look that old and be lost. The load's start is moved back
+    by the offset its `Date` header showed, so changes during and after the load are applied."""
+    shoal = shoal_unstarted
+    _, model = await start_mirrored(shoal, mirrored_behind, ddb, table_name, 30)  # one live change included
+    write(ddb, table_name, model, ["k003"], ["k004", "k005"], ["n001"], 900)
+    await converged(shoal, model, "changes stamped ten minutes behind Shoal's clock")
+    manifest_path = shoal.data_dir / "collections" / "commons" / COLL / "index" / "manifest.json"
+    scan = orjson.loads(manifest_path.read_bytes())["checkpoint"]["scan"]
+    assert -602 < scan["clock_offset_s"] < -598, scan
+
+
 async def test_a_trimmed_stream_rebuilds_the_collection(mirrored: StreamsDouble, ddb: Dynamo, table_name: str,
                                                         shoal_unstarted: ShoalProcess):
     """Shoal is down while changes are made and then trimmed from the stream: the status says
