@@ -9,6 +9,10 @@ file), ~300-byte items of strings, numbers (integers and decimals), a bool, a ne
 list and a string set, in a temp dir. Per size, in the same run (medians of `--runs`):
 
 - floor: read + gunzip + `orjson.loads` of every line (the least any loader must do);
+- text index alone: the same items into a fresh tantivy index, 10,000 per commit, as a
+  refresh stages them (`apply_throughput.text_index_only`; decoded beforehand, not timed):
+  the ceiling that indexing every field in tantivy sets on this machine, whatever the rest
+  of the load costs;
 - load: `shoal.ingest.export.ExportLoader` over the same files (local reads instead of S3;
   the same decode in worker threads, the same hand-off) with `Collection.apply` in a fresh
   collection, checkpoint and all, as `SourcePipeline._export_load` runs it; the result is
@@ -26,6 +30,7 @@ import argparse
 import asyncio
 import gzip
 import json
+import os
 import random
 import resource
 import shutil
@@ -42,6 +47,8 @@ import orjson
 from shoal.index.collection import Collection
 from shoal.index.memory import use_system_allocator
 from shoal.ingest.export import CHUNK_BYTES, ExportFile, ExportLoader, FileBatch, export_decoder, to_ranges
+
+from apply_throughput import text_index_only
 
 ITEMS_PER_FILE = 50_000
 KEY_NAMES = ("pk",)
@@ -115,6 +122,22 @@ async def load(paths: list[Path], directory: Path) -> tuple[float, int, int]:
     return seconds, count, size, progress
 
 
+def text_index_alone(paths: list[Path], work: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (every thread's) to stage and commit the files' items into a fresh
+    tantivy index, alone."""
+    decode = export_decoder(KEY_NAMES, "bench")
+    changes = []
+    for path in paths:
+        with gzip.open(path, "rb") as lines:
+            changes += decode(lines.read().splitlines())
+    directory = work / f"text-{time.monotonic_ns()}"
+    started, cpu_started = time.perf_counter(), time.process_time()
+    text_index_only(directory, changes, 10_000)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    shutil.rmtree(directory, ignore_errors=True)
+    return seconds, cpu
+
+
 def check_queryable(collection: Collection, count: int) -> None:
     import pyarrow as pa
     from datafusion import SessionContext
@@ -130,9 +153,12 @@ def child(paths: list[str], directory: str) -> None:
     """One load in this fresh process, set up as `shoal serve` sets up its own; prints JSON
     with its figures."""
     use_system_allocator()
+    cpu_started = time.process_time()
     seconds, count, size, progress = asyncio.run(load([Path(p) for p in paths], Path(directory)))
+    cpu = time.process_time() - cpu_started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "count": count, "arrow_bytes": size, "peak_rss": peak, "progress": progress}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "count": count, "arrow_bytes": size, "peak_rss": peak,
+                      "progress": progress}))
 
 
 def run_load(paths: list[Path], work: Path, profile: bool = False) -> dict:
@@ -172,26 +198,36 @@ def print_profile(stacks: Path) -> None:
 
 
 def bench(items: int, runs: int, profile: bool) -> dict:
+    cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         paths = write_files(work, items)
         gz_bytes = sum(p.stat().st_size for p in paths)
         floors = [floor(paths) for _ in range(runs)]
+        text_runs = [text_index_alone(paths, work) for _ in range(runs)]
+        text_alone = items / statistics.median(wall for wall, _ in text_runs)
+        text_cpu_us = 1e6 * statistics.median(cpu for _, cpu in text_runs) / items
         loads = [run_load(paths, work) for _ in range(runs)]
         assert all(result["count"] == items for result in loads), loads
+        load_cpu_us = 1e6 * statistics.median(r["cpu_seconds"] for r in loads) / items
         floor_rate = items / statistics.median(floors)
         load_rate = items / statistics.median(r["seconds"] for r in loads)
         peak = statistics.median(r["peak_rss"] for r in loads)
         arrow = loads[0]["arrow_bytes"]
         print(f"\n{items:,} items in {len(paths)} files ({gz_bytes / 2**20:.0f} MiB gzip), {runs} run(s):")
         print(f"  floor (read + gunzip + orjson): {floor_rate:>10,.0f} items/s")
-        print(f"  load into a collection:         {load_rate:>10,.0f} items/s   ratio to floor {load_rate / floor_rate:.2f}"
-              f"   goal 100,000: {'met' if load_rate >= 100_000 else 'NOT met'}")
+        print(f"  text index alone (tantivy):     {text_alone:>10,.0f} items/s   CPU {text_cpu_us:.1f} µs per item, "
+              f"so at most {cores * 1e6 / text_cpu_us:,.0f} items/s on {cores} cores")
+        print(f"  load into a collection:         {load_rate:>10,.0f} items/s   CPU {load_cpu_us:.1f} µs per item; "
+              f"ratio to floor {load_rate / floor_rate:.2f}, to the text index alone {load_rate / text_alone:.2f}   "
+              f"goal 100,000: {'met' if load_rate >= 100_000 else 'NOT met'}")
         print(f"  peak RSS {peak / 2**20:,.0f} MiB, final Arrow size {arrow / 2**20:,.0f} MiB: "
               f"{peak / arrow:.2f} x   (goal < 3 x)")
         if profile:
             run_load(paths, work, profile=True)
         return {"items": items, "runs": runs, "gzip_bytes": gz_bytes, "floor_items_per_s": floor_rate,
+                "text_index_alone_items_per_s": text_alone, "load_over_text_index_alone": load_rate / text_alone,
+                "text_index_alone_cpu_us_per_item": text_cpu_us, "load_cpu_us_per_item": load_cpu_us,
                 "load_items_per_s": load_rate, "load_over_floor": load_rate / floor_rate, "peak_rss_bytes": peak,
                 "arrow_bytes": arrow, "peak_rss_over_arrow": peak / arrow, "loads": loads}
 
