@@ -11,7 +11,7 @@ Two kinds of key open the API:
 - The startup key, given with --api-key or SHOAL_API_KEY: accepted as long as the server
   runs with it, never stored, listed or deletable through the API (change it by restarting
   with another). Without one, the first start generates a named key `default`, stores its
-  digest and prints the key once.
+  digest and shows the key once (`server/cli.py`: on a terminal, else in an owner-only file).
 
 Keys are random 256-bit secrets, so a plain SHA-256 digest is enough (no password
 stretching); a candidate is compared against every digest in constant time.

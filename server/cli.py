@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import ssl
+import stat
 import sys
 from pathlib import Path
 
@@ -26,6 +27,45 @@ def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     return context
 
 
+# What a data directory of Shoal's holds (`server/catalog.py`, `server/auth.py`, `server/app.py`).
+_DATA_DIR_ENTRIES = ("api_keys.json", "integrations.json", "collections", "lambdas.json", "generated-api-key")
+
+
+def _make_owner_only(data_dir: Path) -> None:
+    """Create the data directory owner-only, or make an existing one so: only when it is empty
+    or already Shoal's, never a directory holding other things (`--data-dir /tmp` or a home)."""
+    try:
+        data_dir.mkdir(parents=True, mode=0o700)
+        return
+    except FileExistsError:
+        if not data_dir.is_dir():
+            raise SystemExit(f"shoal serve: --data-dir {data_dir} is not a directory") from None
+    if stat.S_IMODE(data_dir.stat().st_mode) & 0o077 == 0:
+        return
+    foreign = sorted(entry.name for entry in data_dir.iterdir() if entry.name not in _DATA_DIR_ENTRIES)
+    if foreign and not any((data_dir / name).exists() for name in _DATA_DIR_ENTRIES):
+        raise SystemExit(
+            f"shoal serve: --data-dir {data_dir} is open to other users and holds files that are not Shoal's "
+            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}). Shoal makes its data directory "
+            "owner-only (it holds secrets): give it a new or empty directory of its own.")
+    os.chmod(data_dir, 0o700)
+
+
+def _hand_over(key: str, data_dir: Path) -> None:
+    """Show a generated API key once: on the terminal when there is one; otherwise (a service
+    whose output goes to a log) in an owner-only file, so it never sits in a log. Only its
+    digest is kept by the server."""
+    if sys.stdout.isatty():
+        print(f"Generated API key (shown once, keep it): {key}", flush=True)
+        return
+    path = data_dir / "generated-api-key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    print(f"Generated API key `default`: written to {path} (owner-only), not to this log. "
+          "Keep it elsewhere and delete the file.", flush=True)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from shoal.index.memory import use_system_allocator
 
@@ -36,12 +76,10 @@ def _serve(args: argparse.Namespace) -> int:
     use_system_allocator()
     os.umask(0o077)  # the documents, indexes and secrets it writes are the owner's alone
     data_dir = Path(args.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(data_dir, 0o700)
+    _make_owner_only(data_dir)
     keys, new_key = ApiKeys.load(data_dir, args.api_key or os.environ.get("SHOAL_API_KEY"))
     if new_key:
-        # Printed once: only its digest is stored.
-        print(f"Generated API key (shown once, keep it): {new_key}", flush=True)
+        _hand_over(new_key, data_dir)
     try:
         import uvloop
     except ImportError:  # uvloop is not built for every platform; asyncio's loop works too

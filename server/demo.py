@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         _create_table(table.meta.client)
         _seed(table, rng)
 
-        args.data_dir.mkdir(parents=True, exist_ok=True)
+        args.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # as `shoal serve` keeps it
         api_key = _api_key(args.data_dir)
         base_url = f"http://127.0.0.1:{args.port}"
         log_path = args.data_dir / "shoal-server.log"

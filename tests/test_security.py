@@ -36,17 +36,21 @@ def uniq(prefix: str) -> str:
 
 
 class GeneratedKeyShoal(ShoalProcess):
-    """A server started without --api-key: its first start generates and prints a key."""
+    """A server started without --api-key: its first start generates a key. Its output goes to
+    a log, not a terminal, so the key goes to an owner-only file, never to the log."""
 
     def command(self) -> list[str]:
         command = super().command()
         at = command.index("--api-key")
         return command[:at] + command[at + 2:]
 
-    def printed_key(self) -> str:
-        found = re.findall(r"Generated API key \(shown once, keep it\): (\S+)", self.log_path.read_text())
-        assert found, f"no generated key in the log:\n{self.log_tail()}"
-        return found[-1]
+    def handed_over_key(self) -> str:
+        path = self.data_dir / "generated-api-key"
+        assert f"written to {path}" in self.log_path.read_text(), self.log_tail()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        key = path.read_text().strip()
+        assert key and key not in self.log_path.read_text(), "the generated key is in the log"
+        return key
 
 
 # --------------------------------------------------------------------------- named API keys
@@ -131,12 +135,12 @@ async def test_key_endpoints_need_a_key(shoal_module: ShoalProcess):
 
 
 async def test_generated_key_then_the_last_key_cannot_be_deleted(tmp_path):
-    """Without --api-key the first start prints a key (named `default`); the server keeps at
+    """Without --api-key the first start generates a key (named `default`); the server keeps at
     least one named key, so nobody revokes their way out of their own server."""
     server = GeneratedKeyShoal(tmp_path / "data", tmp_path / "shoal.log")
     try:
         server.start()
-        key = server.printed_key()
+        key = server.handed_over_key()
         assert stat.S_IMODE(server.data_dir.stat().st_mode) == 0o700
         listed = await server.request("GET", KEYS, key=key)
         assert [k["name"] for k in listed.body["data"]] == ["default"], listed
@@ -147,6 +151,59 @@ async def test_generated_key_then_the_last_key_cannot_be_deleted(tmp_path):
         server.restart()
         assert server.log_path.read_text().count("Generated API key") == 1, "a second key was generated"
         assert (await server.request("GET", KEYS, key=other)).status == 200
+    finally:
+        server.stop()
+
+
+def test_a_generated_key_is_shown_on_a_terminal(tmp_path):
+    """Run by hand (output on a terminal), the first start shows the generated key there, once,
+    and writes it nowhere."""
+    import os
+    import pty
+
+    data_dir = tmp_path / "data"
+    controller, terminal = pty.openpty()
+    command = [sys.executable, "-m", "shoal.server.cli", "serve", "--port", str(free_port()), "--data-dir", str(data_dir)]
+    env = {k: v for k, v in subprocess_env().items() if k != "SHOAL_API_KEY"}
+    proc = subprocess.Popen(command, stdout=terminal, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    os.close(terminal)
+    shown = b""
+    try:
+        while b"Generated API key" not in shown or not shown.endswith(b"\n"):
+            shown += os.read(controller, 4096)  # an EOF (the server died) raises OSError
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(controller)
+    [key] = re.findall(r"Generated API key \(shown once, keep it\): (\S+)", shown.decode())
+    assert len(key) >= 32 and not (data_dir / "generated-api-key").exists()
+    assert key not in (data_dir / "api_keys.json").read_text()
+
+
+def test_the_data_dir_is_made_owner_only_only_when_it_is_shoals(tmp_path):
+    """A new or empty data directory is made owner-only; one open to others that holds other
+    files (`--data-dir /tmp`) is refused as it is, not chmodded under its other users."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    (shared / "someone-elses.txt").write_text("x")
+    command = [sys.executable, "-m", "shoal.server.cli", "serve", "--port", str(free_port()),
+               "--data-dir", str(shared), "--api-key", "k" * 24]
+    refused = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert refused.returncode != 0 and "holds files that are not Shoal's (someone-elses.txt)" in refused.stderr, refused
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o755)
+    empty.chmod(0o755)
+    server = ShoalProcess(empty, tmp_path / "shoal.log")
+    try:
+        server.start()
+        assert stat.S_IMODE(empty.stat().st_mode) == 0o700
+        server.stop()
+        empty.chmod(0o750)  # its own files now: made owner-only again at the next start
+        server.start()
+        assert stat.S_IMODE(empty.stat().st_mode) == 0o700
     finally:
         server.stop()
 
