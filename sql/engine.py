@@ -118,6 +118,10 @@ def column_type(arrow_type: pa.DataType) -> str:
         return "mixed"
     if pa.types.is_timestamp(arrow_type):
         return "timestamp"
+    if pa.types.is_date(arrow_type):
+        return "date"
+    if pa.types.is_time(arrow_type):
+        return "time"
     if pa.types.is_integer(arrow_type):
         return "int"
     if pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type):

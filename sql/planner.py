@@ -15,6 +15,7 @@ them.
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 import threading
@@ -530,7 +531,34 @@ _PARAMETER_TYPES: dict[str, Callable[[Any], exp.Expression]] = {
     "float": lambda v: exp.Literal.number(repr(_parse_float(v))),
     "string": lambda v: exp.Literal.string(_parse_text(v)),
     "bool": lambda v: exp.Boolean(this=_parse_bool(v)),
+    # Rockset's time types, as ISO 8601 text: a calendar date, a time of day, a date and time
+    # of day with no zone, and an instant (a zone is required; bound in UTC, so it compares
+    # with `_event_time`).
+    "date": lambda v: _typed_text(datetime.date.fromisoformat(_parse_text(v)).isoformat(), "DATE"),
+    "time": lambda v: _typed_text(_parse_time(v).isoformat(), "TIME"),
+    "datetime": lambda v: _typed_text(_parse_datetime(v, zoned=False).isoformat(), "TIMESTAMP"),
+    "timestamp": lambda v: _typed_text(
+        _parse_datetime(v, zoned=True).astimezone(datetime.timezone.utc).replace(tzinfo=None).isoformat() + "Z", "TIMESTAMP"),
 }
+
+
+def _typed_text(text: str, sql_type: str) -> exp.Expression:
+    return exp.Cast(this=exp.Literal.string(text), to=exp.DataType.build(sql_type))
+
+
+def _parse_time(value: Any) -> datetime.time:
+    moment = datetime.time.fromisoformat(_parse_text(value))
+    if moment.tzinfo is not None:
+        raise ValueError(f"a time zone in {value!r}")
+    return moment
+
+
+def _parse_datetime(value: Any, zoned: bool) -> datetime.datetime:
+    """An ISO 8601 date and time of day, with a zone (`Z`, `+02:00`) exactly when `zoned`."""
+    moment = datetime.datetime.fromisoformat(_parse_text(value))
+    if (moment.tzinfo is not None) != zoned:
+        raise ValueError(f"{'no' if zoned else 'a'} time zone in {value!r}")
+    return moment
 
 
 def _parse_int(value: Any) -> int:

@@ -132,3 +132,24 @@ async def test_lambdas_survive_a_restart(shoal):
     status, run = await shoal.api("POST", "/v1/orgs/self/ws/commons/lambdas/one/tags/latest", {})
     assert status == 200 and run["results"] == [{"x": 1}], run
     assert (shoal.data_dir / "lambdas.json").stat().st_mode & 0o077 == 0
+
+
+async def test_time_parameters_answer_as_iso_text_with_their_types(numbers):
+    """Rockset's date, time, datetime and timestamp parameters, through the API: each answers
+    as ISO text and names its type in column_fields; a timestamp filters `_event_time`."""
+    status, body = await numbers.api("POST", "/v1/orgs/self/queries", {"sql": {
+        "query": "SELECT :d AS d, :t AS t, :dt AS dt, :ts AS ts",
+        "parameters": [{"name": "d", "type": "date", "value": "2024-02-29"},
+                       {"name": "t", "type": "time", "value": "07:30:00"},
+                       {"name": "dt", "type": "datetime", "value": "2024-02-29T07:30:00"},
+                       {"name": "ts", "type": "timestamp", "value": "2024-02-29T09:30:00+02:00"}]}})
+    assert status == 200, body
+    assert body["results"] == [{"d": "2024-02-29", "t": "07:30:00", "dt": "2024-02-29T07:30:00", "ts": "2024-02-29T07:30:00"}]
+    assert [f["type"] for f in body["column_fields"]] == ["date", "time", "timestamp", "timestamp"]
+    status, body = await numbers.api("POST", "/v1/orgs/self/queries", {"sql": {
+        "query": "SELECT COUNT(*) AS n FROM commons.numbers WHERE _event_time > :since",
+        "parameters": [{"name": "since", "type": "timestamp", "value": "2020-01-01T00:00:00Z"}]}})
+    assert status == 200 and body["results"] == [{"n": ROWS}], body
+    status, body = await numbers.api("POST", "/v1/orgs/self/queries", {"sql": {
+        "query": "SELECT :d AS d", "parameters": [{"name": "d", "type": "date", "value": "29/02/2024"}]}})
+    assert status == 400 and "not a valid date" in body["message"], body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 
 import pytest
@@ -105,10 +106,32 @@ async def test_parameters_of_the_wrong_value_are_query_errors(run, type_, value)
 
 @pytest.mark.parametrize(
     ("type_", "value", "bound"),
-    [("int", "-7", -7), ("int", 3.0, 3), ("float", "2.5", 2.5), ("float", 1e300, 1e300), ("string", 10, "10"), ("bool", "TRUE", True)],
+    [("int", "-7", -7), ("int", 3.0, 3), ("float", "2.5", 2.5), ("float", 1e300, 1e300), ("string", 10, "10"), ("bool", "TRUE", True),
+     ("date", "2024-02-29", datetime.date(2024, 2, 29)), ("time", "23:59:58.25", datetime.time(23, 59, 58, 250000)),
+     ("datetime", "2024-02-29T23:59:58", datetime.datetime(2024, 2, 29, 23, 59, 58)),
+     ("timestamp", "2024-03-01T01:00:00+02:00", datetime.datetime(2024, 2, 29, 23, 0)),  # in UTC
+     ("timestamp", "2024-02-29T23:00:00Z", datetime.datetime(2024, 2, 29, 23, 0))],
 )
 async def test_parameters_take_values_or_their_text(run, type_, value, bound):
     assert run("SELECT :p AS v", [{"name": "p", "type": type_, "value": value}]) == [{"v": bound}]
+
+
+@pytest.mark.parametrize(
+    ("type_", "value"),
+    [("date", "2023-02-29"), ("date", "yesterday"), ("date", "2024-01-01T10:00:00"), ("time", "24:00:00"), ("time", "10:00:00+02:00"),
+     ("datetime", "2024-01-01T10:00:00Z"), ("timestamp", "2024-01-01T10:00:00"), ("timestamp", None)],
+)
+async def test_time_parameters_need_iso_text_of_their_kind(run, type_, value):
+    with pytest.raises(QueryError, match=f"not a valid {type_}"):
+        run("SELECT :p AS v", [{"name": "p", "type": type_, "value": value}])
+
+
+@pytest.mark.parametrize(("moment", "ids"), [("1970-01-01T00:00:00.000001Z", ["d0", "d1", "d2", "d3"]),
+                                             ("1970-01-01T02:00:00+02:00", [])])
+async def test_a_timestamp_parameter_compares_with_the_event_time(run, moment, ids):
+    """The documents' `_event_time` is the epoch (0 µs); the parameter is an instant in any zone."""
+    rows = run("SELECT _id FROM orders WHERE _event_time < :t ORDER BY _id", [{"name": "t", "type": "timestamp", "value": moment}])
+    assert [row["_id"] for row in rows] == ids
 
 
 @pytest.mark.parametrize(
