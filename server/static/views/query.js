@@ -10,7 +10,7 @@ const HISTORY_KEY = "shoal.queryHistory";
 const DRAFT_KEY = "shoal.queryDraft";
 const HISTORY_SIZE = 50;
 const PAGE_SIZE = 50;
-const PARAMETER_TYPES = ["string", "int", "float", "bool"];
+const PARAMETER_TYPES = ["string", "int", "float", "bool", "date", "time", "datetime", "timestamp"];
 const ROW_LIMITS = [100, 1000, 10000, 100000, 1000000];
 const INLINE_JSON_CHARS = 60;
 
