@@ -17,7 +17,8 @@ The view costs ~1 ms per million rows scanned (a call returns a slice of one sha
 batches of 8,192 rows made it ~5 times that, batches of 262,144 were no cheaper. What the
 check cannot reach, the planner bounds before any work: the query's size and nesting
 (DataFusion's planning cannot be interrupted) and the values that functions such as
-`repeat` or `range` build whole (`MAX_BUILT_SIZE`; the memory pool does not see them).
+`repeat`, `replace` or `range` build whole (`MAX_BUILT_SIZE`, `MAX_BUILT_TOTAL`; the memory
+pool does not see them) and levenshtein's length × length steps.
 A query gets its own memory pool (`memory_bytes`, no spilling to disk): hash tables,
 sorts and aggregates beyond it fail with `ResourcesExceeded`, the server lives on. The
 answer is capped at `row_limit` rows and `max_result_bytes`. Each query runs on one
@@ -44,12 +45,11 @@ from datafusion.catalog import Table
 from shoal.index.collection import SCORE_COLUMN, Snapshot
 from shoal.index.doctypes import type_name
 
-from .planner import ALIVE_FUNCTION, DEFAULT_WORKSPACE, SEARCH_SCHEMA, DirectSearch, PreparedQuery, QueryError, Search
+from .planner import ALIVE_FUNCTION, BATCH_ROWS, DEFAULT_WORKSPACE, SEARCH_SCHEMA, DirectSearch, PreparedQuery, QueryError, Search
 
 _READ_ONLY = SQLOptions().with_allow_ddl(False).with_allow_dml(False).with_allow_statements(False)
 
 
-BATCH_ROWS = 65536  # the largest batch a scan hands on between two liveness checks
 DEFAULT_MEMORY_BYTES = 1 << 30
 DEFAULT_MAX_RESULT_BYTES = 256 << 20
 # Where each collection's batches are registered; queries read them through a checking view.

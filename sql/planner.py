@@ -378,18 +378,31 @@ def _check_table_function(source: exp.Expression | None) -> None:
 _BUILDERS = {"range": None, "generate_series": None, "repeat": 1, "lpad": 1, "rpad": 1,
              "array_repeat": 1, "list_repeat": 1, "array_resize": 1, "list_resize": 1}
 _REPEATERS = {"repeat", "array_repeat", "list_repeat"}
+# Functions whose value can be many times longer than their input: each match of what they
+# replace (every character, for an empty one) becomes the replacement
+# (`replace(repeat('a', 100000), 'a', repeat('b', 9000))`: 900 MB, 6 s past a 1 s limit).
+_REPLACERS = {"replace", "regexp_replace", "array_replace", "array_replace_n", "array_replace_all",
+              "list_replace", "list_replace_n", "list_replace_all"}
 MAX_BUILT_SIZE = 1_000_000
+MAX_BUILT_TOTAL = 10 * MAX_BUILT_SIZE  # by all the calls of a query together
 # Over a field's values a call runs on every row of a batch (65,536) at once, so less: a value
-# repeated at most this often, a padded or resized one at most this long (`lpad(s, 100000)`
-# over one batch: 6.5 GB, and the failed allocation aborts the process).
+# repeated (or grown by replacing) at most this often, a padded or resized one at most this long
+# (`lpad(s, 100000)` over one batch: 6.5 GB, and the failed allocation aborts the process).
 MAX_REPEATS_OF_A_FIELD = 10
 MAX_BUILT_SIZE_PER_ROW = 10_000
+# levenshtein takes length × length steps per row, all between two liveness checks
+# (`levenshtein(repeat('a', 100000), repeat('b', 100000))`: 11 s past a 1 s limit): at most
+# this many per call over literals, about a second, and per batch over a field's values.
+MAX_LEVENSHTEIN_STEPS = 1_000_000_000
+BATCH_ROWS = 65536  # the largest batch a scan hands on between two liveness checks (`shoal.sql.engine`)
 
 
 def check_built_sizes(tree: exp.Expression) -> None:
     """Refuse a call that would build more than MAX_BUILT_SIZE elements or characters, given
-    what its arguments build (`repeat(repeat('x', 1000), 2000)`: 2,000,000). The size of a
-    value read from a column is not known here, and counts as 1."""
+    what its arguments build (`repeat(repeat('x', 1000), 2000)`: 2,000,000), a query whose
+    calls build more than MAX_BUILT_TOTAL together, or levenshtein beyond
+    MAX_LEVENSHTEIN_STEPS. The size of a value read from a column is not known here, and
+    counts as 1."""
     sizes: dict[int, int] = {}
     for node in reversed(list(tree.walk())):  # every node after its arguments
         size = len(node.name) if isinstance(node, exp.Literal) and node.is_string else 0
@@ -397,8 +410,15 @@ def check_built_sizes(tree: exp.Expression) -> None:
         name, arguments = _builder_call(node)
         if name in _BUILDERS and not isinstance(node.parent, exp.Table):
             size = _built_size(name, arguments, sizes)
-            if size > MAX_BUILT_SIZE:
-                raise QueryError(f"{name}(...) would build {size:,} characters or elements, more than {MAX_BUILT_SIZE:,}")
+        elif name in _REPLACERS:
+            size = _replaced_size(name, node, arguments, sizes)
+        elif name == "levenshtein":
+            _check_levenshtein(arguments, sizes)
+        if name and size > MAX_BUILT_SIZE:
+            raise QueryError(f"{name}(...) would build {size:,} characters or elements, more than {MAX_BUILT_SIZE:,}")
+        if size > MAX_BUILT_TOTAL:
+            raise QueryError(f"the query's functions would build {size:,} characters or elements in all, "
+                             f"more than {MAX_BUILT_TOTAL:,}")
         sizes[id(node)] = size
 
 
@@ -412,6 +432,12 @@ def _builder_call(node: exp.Expression) -> tuple[str, list[exp.Expression]]:
         return "repeat", [node.this, node.args["times"]]
     if isinstance(node, exp.Pad):
         return "lpad" if node.args.get("is_left") else "rpad", [node.this, node.expression]
+    if isinstance(node, exp.Replace):
+        return "replace", [node.this, node.expression, node.args.get("replacement")]
+    if isinstance(node, exp.RegexpReplace):
+        return "regexp_replace", [node.this, node.expression, node.args.get("replacement"), node.args.get("modifiers")]
+    if isinstance(node, exp.Levenshtein):
+        return "levenshtein", [node.this, node.expression]
     return "", []
 
 
@@ -431,7 +457,7 @@ def _built_size(name: str, arguments: list[exp.Expression], sizes: dict[int, int
     count = _integer_literal(arguments[position])
     if count is None:
         raise QueryError(f"{name}(...) takes its size as an integer literal (or a parameter), not from the data")
-    if arguments[0].find(exp.Column) is not None:  # built from a field's values: once per row
+    if _reads_a_field(arguments[0]):  # built from a field's values: once per row
         most = MAX_REPEATS_OF_A_FIELD if name in _REPEATERS else MAX_BUILT_SIZE_PER_ROW
         if count > most:
             raise QueryError(f"{name}(...) of a field's values builds at most {most:,} "
@@ -439,6 +465,67 @@ def _built_size(name: str, arguments: list[exp.Expression], sizes: dict[int, int
     if name in _REPEATERS:
         return max(0, count) * max(1, sizes.get(id(arguments[0]), 0))
     return max(0, count)
+
+
+def _replaced_size(name: str, node: exp.Expression, arguments: list[exp.Expression], sizes: dict[int, int]) -> int:
+    """What a replacing call builds: its input grown by the most the replacement can add per
+    match (every character matches an empty pattern; a regex replacement's `$0` repeats the
+    whole match), plus the arguments' own sizes."""
+    if len(arguments) < 3 or arguments[2] is None:
+        return sum(sizes.get(id(child), 0) for child in node.iter_expressions())  # DataFusion says what is missing
+    value, target, replacement = arguments[:3]
+    if _reads_a_field(replacement):
+        raise QueryError(f"{name}(...) takes its replacement from the query (a literal, a parameter), not from the data")
+    replacement_text = _text_of(replacement)
+    replacement_size = sizes.get(id(replacement), 0) if replacement_text is None else len(replacement_text)
+    target_text = _text_of(target)
+    if name == "regexp_replace":
+        # Each `$`/`\` reference may repeat the whole match (a built replacement: any of it).
+        references = replacement_size if replacement_text is None else replacement_text.count("$") + replacement_text.count("\\")
+        flags = _text_of(arguments[3]) if len(arguments) > 3 and arguments[3] is not None else ""
+        every_match = flags is None or "g" in flags
+        growth = 1 + references + (replacement_size if every_match else 0)
+    elif not target_text:  # empty, or not a literal: it may match at every character
+        growth = 1 + replacement_size
+    else:
+        growth = max(1, -(-replacement_size // len(target_text)))
+    if _reads_a_field(value) and growth > MAX_REPEATS_OF_A_FIELD:
+        raise QueryError(f"{name}(...) of a field's values may grow each value at most {MAX_REPEATS_OF_A_FIELD} times "
+                         f"per row; this replacement may grow it {growth} times")
+    return growth * max(1, sizes.get(id(value), 0)) + sum(sizes.get(id(a), 0) for a in arguments[1:] if a is not None)
+
+
+def _check_levenshtein(arguments: list[exp.Expression], sizes: dict[int, int]) -> None:
+    """levenshtein's steps, length × length, within MAX_LEVENSHTEIN_STEPS: over literals per
+    call, over a field's values per batch, with each field's length bounded by `left(f, n)`."""
+    lengths = [_bounded_length(argument, sizes) for argument in arguments[:2]]
+    if None in lengths:
+        raise QueryError("levenshtein(...) of a field's values takes a bounded part of it, e.g. "
+                         "levenshtein(left(name, 100), 'jon'): each call runs length × length steps")
+    per_batch = any(_reads_a_field(argument) for argument in arguments[:2])
+    steps = lengths[0] * lengths[1] * (BATCH_ROWS if per_batch else 1)
+    if steps > MAX_LEVENSHTEIN_STEPS:
+        raise QueryError(f"levenshtein(...) would take {steps:,} steps{' per batch of rows' if per_batch else ''}, "
+                         f"more than {MAX_LEVENSHTEIN_STEPS:,}")
+
+
+def _bounded_length(node: exp.Expression, sizes: dict[int, int]) -> int | None:
+    """The most characters a value can have, when the query says (what it builds, or a field
+    cut by `left`/`substr` to a literal length); None when the data decides."""
+    if isinstance(node, exp.Left):
+        return _integer_literal(node.expression)
+    if isinstance(node, exp.Substring) and node.args.get("length") is not None:
+        return _integer_literal(node.args["length"])
+    return None if _reads_a_field(node) else sizes.get(id(node), 0)
+
+
+def _reads_a_field(node: exp.Expression) -> bool:
+    return node.find(exp.Column) is not None
+
+
+def _text_of(node: exp.Expression | None) -> str | None:
+    """A literal's text (a string's, or a number's as written); None for anything else."""
+    return node.name if isinstance(node, exp.Literal) else None
 
 
 def _integer_literal(node: exp.Expression | None) -> int | None:

@@ -208,6 +208,18 @@ async def test_a_join_check_leaves_answers_and_stars_alone(tiny):
     ("SELECT length(lpad(CAST(n AS VARCHAR), 100000)) AS k FROM commons.c", "per row"),
     ("SELECT length(repeat(CAST(n AS VARCHAR), 11)) AS k FROM commons.c", "per row"),
     ("SELECT length(repeat('x', n)) AS k FROM commons.c", "not from the data"),
+    # A replacement grows its input by each match (900 MB, 6 s past a 1 s limit).
+    ("SELECT length(replace(repeat('a', 100000), 'a', repeat('b', 9000))) AS n", "replace"),
+    ("SELECT length(replace(repeat('a', 1000), '', repeat('b', 2000))) AS n", "replace"),
+    ("SELECT length(regexp_replace(CAST(n AS VARCHAR), '.', repeat('b', 20), 'g')) AS k FROM commons.c", "grow"),
+    ("SELECT length(replace(CAST(n AS VARCHAR), '0', CAST(n AS VARCHAR))) AS k FROM commons.c", "not from the data"),
+    ("SELECT cardinality(array_replace_all(array_repeat(1, 1000), 1, repeat('x', 2000))) AS n", "array_replace_all"),
+    # length × length steps between two liveness checks (11 s past a 1 s limit).
+    ("SELECT levenshtein(repeat('a', 100000), repeat('b', 100000)) AS d", "levenshtein"),
+    ("SELECT levenshtein(CAST(n AS VARCHAR), 'jon') AS d FROM commons.c", "bounded part"),
+    ("SELECT levenshtein(left(CAST(n AS VARCHAR), 1000), repeat('j', 100)) AS d FROM commons.c", "per batch"),
+    # Each call within its limit, together far beyond.
+    ("SELECT " + " || ".join(["repeat('x', 900000)"] * 12) + " AS s", "in all"),
 ])
 async def test_functions_that_build_huge_values_are_refused(tiny, sql, message):
     """DataFusion builds their values whole, outside the query's memory pool and between two
@@ -221,6 +233,11 @@ async def test_functions_build_values_up_to_the_limit(tiny):
     assert tiny("SELECT length(repeat('ab', 500000)) AS n, cardinality(generate_series(-2, 2)) AS g") == [{"n": 1_000_000, "g": 5}]
     assert tiny("SELECT length(repeat(CAST(n AS VARCHAR), 10)) AS k FROM commons.c WHERE n = 1") == [{"k": 10}]
     assert tiny("SELECT lpad(CAST(n AS VARCHAR), 3, '0') AS k FROM commons.c WHERE n = 1") == [{"k": "001"}]
+    assert tiny("SELECT replace(CAST(n AS VARCHAR), '1', 'one') AS k, regexp_replace('a@b.c', '@.*', '@redacted') AS e "
+                "FROM commons.c WHERE n = 1") == [{"k": "one", "e": "a@redacted"}]
+    assert tiny("SELECT levenshtein('kitten', 'sitting') AS d, levenshtein(left(CAST(n AS VARCHAR), 100), '2') AS e "
+                "FROM commons.c WHERE n = 1") == [{"d": 3, "e": 1}]
+    assert tiny("SELECT length(repeat('x', 600000) || repeat('y', 600000)) AS n") == [{"n": 1_200_000}]
 
 
 async def test_a_replaced_snapshot_and_its_cached_table_are_freed(tmp_path):
