@@ -400,13 +400,15 @@ BATCH_ROWS = 65536  # the largest batch a scan hands on between two liveness che
 def check_built_sizes(tree: exp.Expression) -> None:
     """Refuse a call that would build more than MAX_BUILT_SIZE elements or characters, given
     what its arguments build (`repeat(repeat('x', 1000), 2000)`: 2,000,000), a query whose
-    calls build more than MAX_BUILT_TOTAL together, or levenshtein beyond
-    MAX_LEVENSHTEIN_STEPS. The size of a value read from a column is not known here, and
-    counts as 1."""
-    sizes: dict[int, int] = {}
+    calls build more than MAX_BUILT_TOTAL together, a value over rows larger than
+    MAX_BUILT_SIZE_PER_ROW, or levenshtein beyond MAX_LEVENSHTEIN_STEPS. The size of a
+    value read from a column is not known here, and counts as 1."""
+    sizes: dict[int, int] = {}  # the most characters or elements each node's value can hold
+    total = 0
     for node in reversed(list(tree.walk())):  # every node after its arguments
         size = len(node.name) if isinstance(node, exp.Literal) and node.is_string else 0
-        size += sum(sizes.get(id(child), 0) for child in node.iter_expressions())
+        children = [sizes.get(id(child), 0) for child in node.iter_expressions()]
+        size += max(children, default=0) if isinstance(node, _ONE_OF_ITS_ARGUMENTS) else sum(children)
         name, arguments = _builder_call(node)
         if name in _BUILDERS and not isinstance(node.parent, exp.Table):
             size = _built_size(name, arguments, sizes)
@@ -416,10 +418,36 @@ def check_built_sizes(tree: exp.Expression) -> None:
             _check_levenshtein(arguments, sizes)
         if name and size > MAX_BUILT_SIZE:
             raise QueryError(f"{name}(...) would build {size:,} characters or elements, more than {MAX_BUILT_SIZE:,}")
-        if size > MAX_BUILT_TOTAL:
-            raise QueryError(f"the query's functions would build {size:,} characters or elements in all, "
+        total += size if name else 0
+        if total > MAX_BUILT_TOTAL:
+            raise QueryError(f"the query's functions would build {total:,} characters or elements in all, "
                              f"more than {MAX_BUILT_TOTAL:,}")
-        sizes[id(node)] = size
+        if size > MAX_BUILT_SIZE_PER_ROW and isinstance(node, _ROW_VALUES) and not isinstance(node, _SMALL_VALUES) and _reads_a_field(node):
+            raise QueryError(f"a value computed from a field's values holds at most {MAX_BUILT_SIZE_PER_ROW:,} "
+                             f"characters or elements besides them (each row of a batch of {BATCH_ROWS:,} gets its own); "
+                             f"this one may hold {size:,}")
+        if isinstance(node, exp.Select) and (node.args.get("from_") or node.args.get("joins")):
+            _check_row_values(node, sizes)
+        sizes[id(node)] = 0 if isinstance(node, _SMALL_VALUES) else size
+
+
+# Values that are one of their arguments: the largest counts, not their sum.
+_ONE_OF_ITS_ARGUMENTS = (exp.Case, exp.If, exp.Coalesce, exp.Greatest, exp.Least)
+_ROW_VALUES = (exp.Func, exp.Binary)  # computed once per row when they read a field
+# Values that stay small whatever their arguments hold (a comparison's truth, a length), so a
+# literal compared with each row is not built per row.
+_SMALL_VALUES = (exp.Predicate, exp.Connector, exp.Not, exp.Length)
+
+
+def _check_row_values(select: exp.Select, sizes: dict[int, int]) -> None:
+    """What a SELECT over rows returns or groups by is built for every row of a batch,
+    constants too (`SELECT repeat('x', 900000) FROM c`: 59 GB over one batch, and the failed
+    allocation aborts the process), so together at most MAX_BUILT_SIZE_PER_ROW."""
+    size = sum(sizes.get(id(column), 0) for column in [*select.expressions, select.args.get("group")])
+    if size > MAX_BUILT_SIZE_PER_ROW:
+        raise QueryError(f"the columns and groups of a SELECT over rows hold at most {MAX_BUILT_SIZE_PER_ROW:,} "
+                         f"characters or elements of constants per row (each row of a batch of {BATCH_ROWS:,} gets its own); "
+                         f"these may hold {size:,}")
 
 
 def _builder_call(node: exp.Expression) -> tuple[str, list[exp.Expression]]:

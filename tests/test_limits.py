@@ -218,6 +218,13 @@ async def test_a_join_check_leaves_answers_and_stars_alone(tiny):
     ("SELECT levenshtein(repeat('a', 100000), repeat('b', 100000)) AS d", "levenshtein"),
     ("SELECT levenshtein(CAST(n AS VARCHAR), 'jon') AS d FROM commons.c", "bounded part"),
     ("SELECT levenshtein(left(CAST(n AS VARCHAR), 1000), repeat('j', 100)) AS d FROM commons.c", "per batch"),
+    # Constants are built anew for each row of a batch of 65,536 (59 GB: the process aborted).
+    ("SELECT repeat('x', 900000) AS s FROM commons.c", "columns and groups"),
+    ("SELECT '" + "x" * 20000 + "' AS s FROM commons.c", "columns and groups"),
+    ("SELECT unnest(range(900000)) AS k FROM commons.c", "columns and groups"),
+    ("SELECT COUNT(*) AS k FROM commons.c GROUP BY repeat('x', 900000)", "columns and groups"),
+    ("SELECT concat(repeat('x', 20000), n) AS s FROM commons.c", "computed from a field"),
+    ("SELECT COUNT(*) AS k FROM commons.c WHERE coalesce(CAST(n AS VARCHAR), repeat('x', 20000)) = 'b'", "computed from a field"),
     # Each call within its limit, together far beyond.
     ("SELECT " + " || ".join(["repeat('x', 900000)"] * 12) + " AS s", "in all"),
 ])
@@ -238,6 +245,13 @@ async def test_functions_build_values_up_to_the_limit(tiny):
     assert tiny("SELECT levenshtein('kitten', 'sitting') AS d, levenshtein(left(CAST(n AS VARCHAR), 100), '2') AS e "
                 "FROM commons.c WHERE n = 1") == [{"d": 3, "e": 1}]
     assert tiny("SELECT length(repeat('x', 600000) || repeat('y', 600000)) AS n") == [{"n": 1_200_000}]
+    # Over rows: a constant compared with each value, a length, a CASE's one value at a time.
+    long_text = "x" * 20000
+    assert tiny(f"SELECT COUNT(*) AS k FROM commons.c WHERE CAST(n AS VARCHAR) IN ('{long_text}', '1')") == [{"k": 1}]
+    assert tiny("SELECT length(repeat('x', 900000)) AS k FROM commons.c WHERE n = 1") == [{"k": 900_000}]
+    branches = " ".join(f"WHEN {i} THEN 'value number {i}'" for i in range(1000))
+    assert tiny(f"SELECT CASE n {branches} END AS v FROM commons.c WHERE n = 2") == [{"v": "value number 2"}]
+    assert tiny(f"SELECT length('{long_text}') AS k") == [{"k": 20000}]
 
 
 async def test_a_replaced_snapshot_and_its_cached_table_are_freed(tmp_path):
