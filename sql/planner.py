@@ -422,7 +422,8 @@ def check_built_sizes(tree: exp.Expression) -> None:
         if total > MAX_BUILT_TOTAL:
             raise QueryError(f"the query's functions would build {total:,} characters or elements in all, "
                              f"more than {MAX_BUILT_TOTAL:,}")
-        if size > MAX_BUILT_SIZE_PER_ROW and isinstance(node, _ROW_VALUES) and not isinstance(node, _SMALL_VALUES) and _reads_a_field(node):
+        per_row = isinstance(node, _ROW_VALUES) and not isinstance(node, _SMALL_VALUES) and _reads_a_field(node)
+        if per_row and size > MAX_BUILT_SIZE_PER_ROW:
             raise QueryError(f"a value computed from a field's values holds at most {MAX_BUILT_SIZE_PER_ROW:,} "
                              f"characters or elements besides them (each row of a batch of {BATCH_ROWS:,} gets its own); "
                              f"this one may hold {size:,}")
