@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         _seed(table, rng)
 
         args.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # as `shoal serve` keeps it
-        api_key = _api_key(args.data_dir)
+        key_path = args.data_dir / "demo-api-key"
+        api_key = _api_key(key_path)
         base_url = f"http://127.0.0.1:{args.port}"
         log_path = args.data_dir / "shoal-server.log"
         server = _start_server(args.port, args.data_dir, api_key, log_path)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         api = ShoalApi(base_url, api_key)
         _create_collection(api, moto_url)
         _wait_ready(api)
-        _print_banner(base_url, api_key, log_path)
+        _print_banner(base_url, api_key, key_path, log_path)
         _write_forever(table, rng, server, log_path)
     except KeyboardInterrupt:
         print("\nStopping the demo...", flush=True)
@@ -219,9 +220,8 @@ def _iso(moment: datetime) -> str:
 # --- the Shoal server -------------------------------------------------------------------
 
 
-def _api_key(data_dir: Path) -> str:
+def _api_key(path: Path) -> str:
     """Reuse the key of an earlier run, so the curl commands a user saved keep working."""
-    path = data_dir / "demo-api-key"
     if path.exists():
         return path.read_text().strip()
     key = secrets.token_urlsafe(32)
@@ -354,8 +354,15 @@ def _wait_ready(api: ShoalApi) -> None:
     print(f"(the collection is not READY after {SETUP_TIMEOUT_S:.0f} s; queries may see part of the table)")
 
 
-def _print_banner(base_url: str, api_key: str, log_path: Path) -> None:
-    auth = shlex.quote(f"Authorization: ApiKey {api_key}")
+def _print_banner(base_url: str, api_key: str, key_path: Path, log_path: Path) -> None:
+    """How to use the demo. The key is shown on a terminal only; output going elsewhere (a
+    log, CI) gets commands that read it from its owner-only file, as `shoal serve` does."""
+    if sys.stdout.isatty():
+        key_line = f"API key: {api_key}"
+        auth = shlex.quote(f"Authorization: ApiKey {api_key}")
+    else:
+        key_line = f"API key: in {key_path} (owner-only; not printed, as this output is no terminal)"
+        auth = f'"Authorization: ApiKey $(cat {shlex.quote(str(key_path))})"'
 
     def query(sql: str) -> str:
         body = shlex.quote(json.dumps({"sql": {"query": sql}}))
@@ -364,7 +371,7 @@ def _print_banner(base_url: str, api_key: str, log_path: Path) -> None:
 
     print(f"""
 Shoal is running at {base_url}
-API key: {api_key}
+{key_line}
 Server log: {log_path}
 
 List the collections:
