@@ -162,9 +162,12 @@ def _clock_offset(response: dict[str, Any]) -> float:
     header of one of its answers (to the second, rounded down); 0 without one."""
     date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     try:
-        return email.utils.parsedate_to_datetime(date).timestamp() - time.time() if date else 0.0
-    except (TypeError, ValueError):
+        moment = email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError):  # no header, or not a date
         return 0.0
+    if moment.tzinfo is None:  # `-0000`: UTC, by RFC 5322
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp() - time.time()
 
 
 def _average_rate(scan: dict[str, Any]) -> float | None:

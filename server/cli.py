@@ -27,8 +27,10 @@ def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     return context
 
 
-# What a data directory of Shoal's holds (`server/catalog.py`, `server/auth.py`, `server/app.py`).
-_DATA_DIR_ENTRIES = ("api_keys.json", "integrations.json", "collections", "lambdas.json", "generated-api-key")
+# What a data directory of Shoal's holds (`server/catalog.py`, `server/auth.py`, `server/app.py`,
+# and `shoal demo`'s key and server log).
+_DATA_DIR_ENTRIES = ("api_keys.json", "integrations.json", "collections", "lambdas.json", "generated-api-key",
+                     "demo-api-key", "shoal-server.log")
 
 
 def _make_owner_only(data_dir: Path) -> None:
@@ -43,7 +45,7 @@ def _make_owner_only(data_dir: Path) -> None:
     if stat.S_IMODE(data_dir.stat().st_mode) & 0o077 == 0:
         return
     foreign = sorted(entry.name for entry in data_dir.iterdir() if entry.name not in _DATA_DIR_ENTRIES)
-    if foreign and not any((data_dir / name).exists() for name in _DATA_DIR_ENTRIES):
+    if foreign:
         raise SystemExit(
             f"shoal serve: --data-dir {data_dir} is open to other users and holds files that are not Shoal's "
             f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}). Shoal makes its data directory "

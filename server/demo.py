@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         _seed(table, rng)
 
         args.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # as `shoal serve` keeps it
-        key_path = args.data_dir / "demo-api-key"
+        key_path = args.data_dir.resolve() / "demo-api-key"  # the curl examples work from any directory
         api_key = _api_key(key_path)
         base_url = f"http://127.0.0.1:{args.port}"
         log_path = args.data_dir / "shoal-server.log"

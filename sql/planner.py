@@ -410,7 +410,11 @@ def check_built_sizes(tree: exp.Expression) -> None:
         children = [sizes.get(id(child), 0) for child in node.iter_expressions()]
         size += max(children, default=0) if isinstance(node, _ONE_OF_ITS_ARGUMENTS) else sum(children)
         name, arguments = _builder_call(node)
-        if name in _BUILDERS and not isinstance(node.parent, exp.Table):
+        if isinstance(node, _FIXED_SIZE_VALUES) or name in _FIXED_SIZE_FUNCTIONS:
+            size = MAX_FIXED_SIZE
+        elif isinstance(node, (exp.Encode, exp.ConcatWs, exp.ArrayToString)):
+            name, size = node.sql_name().lower(), _joined_size(node, sizes)
+        elif name in _BUILDERS and not isinstance(node.parent, exp.Table):
             size = _built_size(name, arguments, sizes)
         elif name in _REPLACERS:
             size = _replaced_size(name, node, arguments, sizes)
@@ -430,8 +434,36 @@ def check_built_sizes(tree: exp.Expression) -> None:
         if isinstance(node, exp.Select) and (node.args.get("from_") or node.args.get("joins")):
             _check_row_values(node, sizes)
         sizes[id(node)] = 0 if isinstance(node, _SMALL_VALUES) else size
+    for select in tree.find_all(exp.Select):
+        if select.args.get("joins"):
+            _check_joined_constants(select, sizes)
 
 
+def _check_joined_constants(select: exp.Select, sizes: dict[int, int]) -> None:
+    """A join copies each side's values into every row it pairs them with, so what the
+    sources of a join build (a constant row joined with a collection: `FROM c CROSS JOIN
+    (SELECT repeat('x', 30000) AS a)`, a CTE, VALUES) is bounded as a SELECT's columns are."""
+    ctes: dict[str, exp.Expression] = {}  # the CTEs it can name: its own and its enclosing queries'
+    scope: exp.Expression | None = select
+    while scope is not None:
+        if isinstance(scope.args.get("with_"), exp.With):
+            ctes = {cte.alias: cte.this for cte in scope.args["with_"].expressions} | ctes  # the nearest wins
+        scope = scope.parent
+    sources = [select.args["from_"].this, *(join.this for join in select.args["joins"])] if select.args.get("from_") else []
+    size = sum(sizes.get(id(ctes.get(source.name) if isinstance(source, exp.Table) and source.name in ctes else source), 0)
+               for source in sources)
+    if size > MAX_BUILT_SIZE_PER_ROW:
+        raise QueryError(f"the sources of a join build at most {MAX_BUILT_SIZE_PER_ROW:,} characters or elements of "
+                         f"constants (each is copied into every row it is joined with); these may build {size:,}")
+
+
+# Values of a bounded size whatever their arguments (hashes, hex, uuid).
+_FIXED_SIZE_VALUES = (exp.MD5, exp.SHA, exp.SHA2, exp.Hex, exp.Uuid)
+_FIXED_SIZE_FUNCTIONS = {"md5", "sha224", "sha256", "sha384", "sha512", "digest", "to_hex", "uuid"}
+MAX_FIXED_SIZE = 128
+# Values that differ on every row like a field's (so built per row), though they read none.
+_VOLATILE_VALUES = (exp.Rand, exp.Uuid)
+_VOLATILE_FUNCTIONS = {"random", "uuid"}
 # Values that are one of their arguments: the largest counts, not their sum.
 _ONE_OF_ITS_ARGUMENTS = (exp.Case, exp.If, exp.Coalesce, exp.Greatest, exp.Least)
 _ROW_VALUES = (exp.Func, exp.Binary)  # computed once per row when they read a field
@@ -496,6 +528,22 @@ def _built_size(name: str, arguments: list[exp.Expression], sizes: dict[int, int
     return max(0, count)
 
 
+def _joined_size(node: exp.Expression, sizes: dict[int, int]) -> int:
+    """What a call that multiplies its input builds: `encode` (hex: twice the bytes),
+    `concat_ws` (its separator between every two values), `array_to_string` (its separator
+    after every element: over a field's arrays, at most MAX_REPEATS_OF_A_FIELD characters)."""
+    if isinstance(node, exp.Encode):
+        return 2 * sizes.get(id(node.this), 0)
+    if isinstance(node, exp.ConcatWs):
+        separator, *values = node.expressions or [None]
+        return sizes.get(id(separator), 0) * max(1, len(values)) + sum(sizes.get(id(v), 0) for v in values)
+    separator = sizes.get(id(node.expression), 0)
+    if _reads_a_field(node.this) and 1 + separator > MAX_REPEATS_OF_A_FIELD:
+        raise QueryError(f"array_to_string(...) of a field's arrays takes a separator of at most "
+                         f"{MAX_REPEATS_OF_A_FIELD - 1} characters (it follows every element)")
+    return max(1, sizes.get(id(node.this), 0)) * (1 + separator)
+
+
 def _replaced_size(name: str, node: exp.Expression, arguments: list[exp.Expression], sizes: dict[int, int]) -> int:
     """What a replacing call builds: its input grown by the most the replacement can add per
     match (every character matches an empty pattern; a regex replacement's `$0` repeats the
@@ -503,17 +551,27 @@ def _replaced_size(name: str, node: exp.Expression, arguments: list[exp.Expressi
     if len(arguments) < 3 or arguments[2] is None:
         return sum(sizes.get(id(child), 0) for child in node.iter_expressions())  # DataFusion says what is missing
     value, target, replacement = arguments[:3]
+    target_text = _text_of(target)
     if _reads_a_field(replacement):
-        raise QueryError(f"{name}(...) takes its replacement from the query (a literal, a parameter), not from the data")
+        # A field put into a template (`replace('/items/{id}', '{id}', id)`) is a concat.
+        value_text = _text_of(value)
+        if name != "replace" or not value_text or not target_text or value_text.count(target_text) > MAX_REPEATS_OF_A_FIELD:
+            raise QueryError(f"{name}(...) takes its replacement from the query (a literal, a parameter), or a "
+                             f"field's value into a literal text at most {MAX_REPEATS_OF_A_FIELD} times; not from the data")
+        return len(value_text)
     replacement_text = _text_of(replacement)
     replacement_size = sizes.get(id(replacement), 0) if replacement_text is None else len(replacement_text)
-    target_text = _text_of(target)
     if name == "regexp_replace":
-        # Each `$`/`\` reference may repeat the whole match (a built replacement: any of it).
+        # Each `$`/`\` reference may repeat the whole match (a built replacement: any of it),
+        # and with `g` every match, at least `shortest` characters, gets the rest.
         references = replacement_size if replacement_text is None else replacement_text.count("$") + replacement_text.count("\\")
         flags = _text_of(arguments[3]) if len(arguments) > 3 and arguments[3] is not None else ""
-        every_match = flags is None or "g" in flags
-        growth = 1 + references + (replacement_size if every_match else 0)
+        if flags is not None and "g" not in flags:
+            growth = 1 + references
+        else:
+            shortest = _shortest_match(target_text)
+            growth = (1 + references + replacement_size if not shortest
+                      else max(1, references + -(-replacement_size // shortest)))
     elif not target_text:  # empty, or not a literal: it may match at every character
         growth = 1 + replacement_size
     else:
@@ -522,6 +580,18 @@ def _replaced_size(name: str, node: exp.Expression, arguments: list[exp.Expressi
         raise QueryError(f"{name}(...) of a field's values may grow each value at most {MAX_REPEATS_OF_A_FIELD} times "
                          f"per row; this replacement may grow it {growth} times")
     return growth * max(1, sizes.get(id(value), 0)) + sum(sizes.get(id(a), 0) for a in arguments[1:] if a is not None)
+
+
+def _shortest_match(pattern: str | None) -> int:
+    """The fewest characters a match of `pattern` has (0 when unknown or it may be empty),
+    by Python's regex parser: close enough to Rust's syntax for a bound, and where it is
+    not, 0 is the safe answer."""
+    if pattern is None:
+        return 0
+    try:
+        return re._parser.parse(pattern).getwidth()[0]  # type: ignore[attr-defined]
+    except Exception:
+        return 0
 
 
 def _check_levenshtein(arguments: list[exp.Expression], sizes: dict[int, int]) -> None:
@@ -541,15 +611,23 @@ def _check_levenshtein(arguments: list[exp.Expression], sizes: dict[int, int]) -
 def _bounded_length(node: exp.Expression, sizes: dict[int, int]) -> int | None:
     """The most characters a value can have, when the query says (what it builds, or a field
     cut by `left`/`substr` to a literal length); None when the data decides."""
+    cut = None
     if isinstance(node, exp.Left):
-        return _integer_literal(node.expression)
-    if isinstance(node, exp.Substring) and node.args.get("length") is not None:
-        return _integer_literal(node.args["length"])
+        cut = _integer_literal(node.expression)
+    elif isinstance(node, exp.Substring) and node.args.get("length") is not None:
+        cut = _integer_literal(node.args["length"])
+    if cut is not None and cut >= 0:  # `left(s, -1)` is all of s but its last character
+        return cut
     return None if _reads_a_field(node) else sizes.get(id(node), 0)
 
 
 def _reads_a_field(node: exp.Expression) -> bool:
-    return node.find(exp.Column) is not None
+    """Whether `node`'s value may differ per row: it reads a field or a volatile function."""
+    return any(
+        isinstance(n, (exp.Column, *_VOLATILE_VALUES))
+        or isinstance(n, exp.Anonymous) and n.name.lower() in _VOLATILE_FUNCTIONS
+        for n in node.walk()
+    )
 
 
 def _text_of(node: exp.Expression | None) -> str | None:
@@ -962,7 +1040,7 @@ def _row_count(node: exp.Expression | None) -> int | None:
 def _direct_search(tree: exp.Expression, searches: list[Search]) -> DirectSearch | None:
     """The DirectSearch when `tree` (rewritten) is one SELECT of plain columns over its one
     search's matches, ordered by score or not at all, with nothing else to compute."""
-    if len(searches) != 1 or not isinstance(tree, exp.Select) or tree.args.get("with") or tree.args.get("joins"):
+    if len(searches) != 1 or not isinstance(tree, exp.Select) or tree.args.get("with_") or tree.args.get("joins"):
         return None
     source = tree.args.get("from_")
     if source is None or not isinstance(source.this, exp.Table) or source.this.db != SEARCH_SCHEMA:

@@ -33,11 +33,16 @@ def _examples(banner: str) -> list[str]:
 
 
 def test_the_demo_answers_its_own_examples_and_prints_no_key(tmp_path):
+    """Into an existing directory open to others (made owner-only), given as a relative path;
+    its examples are run from another directory."""
     data_dir = tmp_path / "demo-data"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
     demo = subprocess.Popen(
         [sys.executable, "-m", "shoal.server.cli", "demo", "--port", str(free_port()),
-         "--moto-port", str(free_port()), "--data-dir", str(data_dir)],
+         "--moto-port", str(free_port()), "--data-dir", "demo-data"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(), start_new_session=True,
+        cwd=tmp_path,
     )
     lines: list[str] = []
     threading.Thread(target=_read_lines, args=(demo.stdout, lines), daemon=True).start()
@@ -50,13 +55,14 @@ def test_the_demo_answers_its_own_examples_and_prints_no_key(tmp_path):
         output = "".join(lines)
         key_file = data_dir / "demo-api-key"
         assert key_file.read_text().strip() not in output
-        assert key_file.stat().st_mode & 0o077 == 0
+        assert key_file.stat().st_mode & 0o077 == 0 and data_dir.stat().st_mode & 0o077 == 0
 
         examples = _examples(output)
         assert len(examples) == 3, output
         answers = []
         for command in examples:
-            run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30, env=subprocess_env())
+            run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30, env=subprocess_env(),
+                                 cwd=tmp_path.parent)
             assert run.returncode == 0, run.stderr
             answers.append(json.loads(run.stdout))
         collections, by_status, latest = answers

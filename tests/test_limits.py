@@ -225,6 +225,20 @@ async def test_a_join_check_leaves_answers_and_stars_alone(tiny):
     ("SELECT COUNT(*) AS k FROM commons.c GROUP BY repeat('x', 900000)", "columns and groups"),
     ("SELECT concat(repeat('x', 20000), n) AS s FROM commons.c", "computed from a field"),
     ("SELECT COUNT(*) AS k FROM commons.c WHERE coalesce(CAST(n AS VARCHAR), repeat('x', 20000)) = 'b'", "computed from a field"),
+    # Values that differ per row though they read no field: built per row.
+    ("SELECT COUNT(*) AS k FROM commons.c WHERE length(repeat(uuid(), 30000)) > 0", "per row"),
+    ("SELECT COUNT(*) AS k FROM commons.c WHERE length(repeat(CAST(random() AS VARCHAR), 1000000)) > 0", "per row"),
+    # A join copies a constant row into each row it pairs it with.
+    ("SELECT length(a) AS k FROM commons.c CROSS JOIN (SELECT repeat('x', 30000) AS a) t", "sources of a join"),
+    ("WITH k AS (SELECT repeat('x', 900000) AS x) SELECT length(x) AS l FROM commons.c, k", "sources of a join"),
+    ("SELECT length(x) AS l FROM commons.c CROSS JOIN (VALUES (repeat('x', 30000))) v(x)", "sources of a join"),
+    # Functions that multiply what they are given (21 nested hex encodings: 2 MB).
+    ("SELECT length(" + "encode(" * 21 + "'a'" + ", 'hex')" * 21 + ") AS k", "encode"),
+    ("SELECT length(array_to_string(range(1000000), repeat('x', 1000))) AS k", "array_to_string"),
+    ("SELECT length(array_to_string(make_array(CAST(n AS VARCHAR)), repeat('x', 10))) AS k FROM commons.c", "separator"),
+    ("SELECT length(concat_ws(repeat('x', 100000), " + ", ".join(["'a'"] * 11) + ")) AS k", "concat_ws"),
+    ("SELECT levenshtein(left(CAST(n AS VARCHAR), -1), 'a') AS d FROM commons.c", "bounded part"),
+    ("SELECT levenshtein(repeat(md5('a'), 3000), repeat(md5('b'), 3000)) AS d", "levenshtein"),
     # Each call within its limit, together far beyond.
     ("SELECT " + " || ".join(["repeat('x', 900000)"] * 12) + " AS s", "in all"),
 ])
@@ -252,6 +266,14 @@ async def test_functions_build_values_up_to_the_limit(tiny):
     branches = " ".join(f"WHEN {i} THEN 'value number {i}'" for i in range(1000))
     assert tiny(f"SELECT CASE n {branches} END AS v FROM commons.c WHERE n = 2") == [{"v": "value number 2"}]
     assert tiny(f"SELECT length('{long_text}') AS k") == [{"k": 20000}]
+    assert tiny("SELECT COUNT(*) AS k FROM (SELECT unnest(range(1000000)) AS x) t") == [{"k": 1_000_000}]
+    assert tiny("WITH k AS (SELECT 'ab' AS x) SELECT length(x) AS l FROM commons.c, k WHERE n = 1") == [{"l": 2}]
+    assert tiny("SELECT regexp_replace(CAST(n AS VARCHAR) || ' at https://x.io/a', 'https?://[^ ]+', '[link removed]', 'g') AS a, "
+                "regexp_replace(CAST(n AS VARCHAR) || ' ab', '(\\d+) (\\w+)', '$2 is $1', 'g') AS b, "
+                "replace('/items/{id}', '{id}', CAST(n AS VARCHAR)) AS c, "
+                "array_to_string(make_array(CAST(n AS VARCHAR), 'x'), ', ') AS d, "
+                "concat_ws('-', n, 'x') AS e, length(md5(CAST(n AS VARCHAR))) AS f FROM commons.c WHERE n = 1") == [
+        {"a": "1 at [link removed]", "b": "ab is 1", "c": "/items/1", "d": "1, x", "e": "1-x", "f": 32}]
 
 
 async def test_a_replaced_snapshot_and_its_cached_table_are_freed(tmp_path):

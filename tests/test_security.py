@@ -187,6 +187,7 @@ def test_the_data_dir_is_made_owner_only_only_when_it_is_shoals(tmp_path):
     shared.mkdir(mode=0o755)
     shared.chmod(0o755)
     (shared / "someone-elses.txt").write_text("x")
+    (shared / "collections").mkdir()  # a name of Shoal's beside them does not make it Shoal's
     command = [sys.executable, "-m", "shoal.server.cli", "serve", "--port", str(free_port()),
                "--data-dir", str(shared), "--api-key", "k" * 24]
     refused = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=60)
