@@ -46,7 +46,8 @@ from datafusion.catalog import Table
 from shoal.index.collection import SCORE_COLUMN, Snapshot
 from shoal.index.doctypes import type_name
 
-from .planner import ALIVE_FUNCTION, BATCH_ROWS, DEFAULT_WORKSPACE, SEARCH_SCHEMA, DirectSearch, PreparedQuery, QueryError, Search
+from .planner import ALIVE_FUNCTION, DEFAULT_WORKSPACE, SEARCH_SCHEMA, DirectSearch, PreparedQuery, QueryError, Search
+from .sizes import BATCH_ROWS
 
 _READ_ONLY = SQLOptions().with_allow_ddl(False).with_allow_dml(False).with_allow_statements(False)
 

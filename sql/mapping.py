@@ -27,7 +27,8 @@ from sqlglot import exp
 from shoal.index.collection import Change, item_name, stored_name
 from shoal.index.items import ItemDecoder, encode_item
 
-from .planner import QueryError, check_built_sizes, parse_single_query
+from .planner import QueryError, parse_single_query
+from .sizes import check_built_sizes
 
 INPUT = "_input"
 _READ_ONLY = SQLOptions().with_allow_ddl(False).with_allow_dml(False).with_allow_statements(False)

@@ -35,6 +35,9 @@ from shoal.index.doctypes import type_members, type_name
 from shoal.index.segment import SYSTEM_NAMES
 from shoal.index.textindex import WORDS, TextPredicate
 
+from .errors import QueryError
+from .sizes import check_built_sizes, integer_literal
+
 DEFAULT_WORKSPACE = "commons"
 # Where the engine registers each search's matching documents (no workspace name starts with "_").
 SEARCH_SCHEMA = "_search"
@@ -64,15 +67,6 @@ class _Dialect(Postgres):
 
 
 _DIALECT = _Dialect
-
-
-class QueryError(Exception):
-    """A mistake in the query; `line`/`column` locate it when known (1-based)."""
-
-    def __init__(self, message: str, line: int | None = None, column: int | None = None) -> None:
-        super().__init__(message)
-        self.line = line
-        self.column = column
 
 
 @dataclass(frozen=True)
@@ -369,277 +363,6 @@ def _check_table_function(source: exp.Expression | None) -> None:
             f"table function '{name}' is not allowed: queries read collections, "
             f"unnest(...) and {', '.join(sorted(_TABLE_FUNCTIONS))}(...)"
         )
-
-
-# Functions that build a value whole, of a size one argument gives (its position, or None:
-# range and generate_series outside FROM count from their bounds), outside the query's memory
-# pool and without a liveness check (`length(repeat('x', 300000000))`: 1.3 GB whatever the
-# pool; `unnest(range(100000000))`: 48 s). In FROM, range and generate_series stream rows.
-_BUILDERS = {"range": None, "generate_series": None, "repeat": 1, "lpad": 1, "rpad": 1,
-             "array_repeat": 1, "list_repeat": 1, "array_resize": 1, "list_resize": 1}
-_REPEATERS = {"repeat", "array_repeat", "list_repeat"}
-# Functions whose value can be many times longer than their input: each match of what they
-# replace (every character, for an empty one) becomes the replacement
-# (`replace(repeat('a', 100000), 'a', repeat('b', 9000))`: 900 MB, 6 s past a 1 s limit).
-_REPLACERS = {"replace", "regexp_replace", "array_replace", "array_replace_n", "array_replace_all",
-              "list_replace", "list_replace_n", "list_replace_all"}
-MAX_BUILT_SIZE = 1_000_000
-MAX_BUILT_TOTAL = 10 * MAX_BUILT_SIZE  # by all the calls of a query together
-# Over a field's values a call runs on every row of a batch (65,536) at once, so less: a value
-# repeated (or grown by replacing) at most this often, a padded or resized one at most this long
-# (`lpad(s, 100000)` over one batch: 6.5 GB, and the failed allocation aborts the process).
-MAX_REPEATS_OF_A_FIELD = 10
-MAX_BUILT_SIZE_PER_ROW = 10_000
-# levenshtein takes length × length steps per row, all between two liveness checks
-# (`levenshtein(repeat('a', 100000), repeat('b', 100000))`: 11 s past a 1 s limit): at most
-# this many per call over literals, about a second, and per batch over a field's values.
-MAX_LEVENSHTEIN_STEPS = 1_000_000_000
-BATCH_ROWS = 65536  # the largest batch a scan hands on between two liveness checks (`shoal.sql.engine`)
-
-
-def check_built_sizes(tree: exp.Expression) -> None:
-    """Refuse a call that would build more than MAX_BUILT_SIZE elements or characters, given
-    what its arguments build (`repeat(repeat('x', 1000), 2000)`: 2,000,000), a query whose
-    calls build more than MAX_BUILT_TOTAL together, a value over rows larger than
-    MAX_BUILT_SIZE_PER_ROW, or levenshtein beyond MAX_LEVENSHTEIN_STEPS. The size of a
-    value read from a column is not known here, and counts as 1."""
-    sizes: dict[int, int] = {}  # the most characters or elements each node's value can hold
-    total = 0
-    for node in reversed(list(tree.walk())):  # every node after its arguments
-        size = len(node.name) if isinstance(node, exp.Literal) and node.is_string else 0
-        children = [sizes.get(id(child), 0) for child in node.iter_expressions()]
-        size += max(children, default=0) if isinstance(node, _ONE_OF_ITS_ARGUMENTS) else sum(children)
-        name, arguments = _builder_call(node)
-        if isinstance(node, _FIXED_SIZE_VALUES) or name in _FIXED_SIZE_FUNCTIONS:
-            size = MAX_FIXED_SIZE
-        elif isinstance(node, (exp.Encode, exp.ConcatWs, exp.ArrayToString)):
-            name, size = node.sql_name().lower(), _joined_size(node, sizes)
-        elif name in _BUILDERS and not isinstance(node.parent, exp.Table):
-            size = _built_size(name, arguments, sizes)
-        elif name in _REPLACERS:
-            size = _replaced_size(name, node, arguments, sizes)
-        elif name == "levenshtein":
-            _check_levenshtein(arguments, sizes)
-        if name and size > MAX_BUILT_SIZE:
-            raise QueryError(f"{name}(...) would build {size:,} characters or elements, more than {MAX_BUILT_SIZE:,}")
-        total += size if name else 0
-        if total > MAX_BUILT_TOTAL:
-            raise QueryError(f"the query's functions would build {total:,} characters or elements in all, "
-                             f"more than {MAX_BUILT_TOTAL:,}")
-        per_row = isinstance(node, _ROW_VALUES) and not isinstance(node, _SMALL_VALUES) and _reads_a_field(node)
-        if per_row and size > MAX_BUILT_SIZE_PER_ROW:
-            raise QueryError(f"a value computed from a field's values holds at most {MAX_BUILT_SIZE_PER_ROW:,} "
-                             f"characters or elements besides them (each row of a batch of {BATCH_ROWS:,} gets its own); "
-                             f"this one may hold {size:,}")
-        if isinstance(node, exp.Select) and (node.args.get("from_") or node.args.get("joins")):
-            _check_row_values(node, sizes)
-        sizes[id(node)] = 0 if isinstance(node, _SMALL_VALUES) else size
-    for select in tree.find_all(exp.Select):
-        if select.args.get("joins"):
-            _check_joined_constants(select, sizes)
-
-
-def _check_joined_constants(select: exp.Select, sizes: dict[int, int]) -> None:
-    """A join copies each side's values into every row it pairs them with, so what the
-    sources of a join build (a constant row joined with a collection: `FROM c CROSS JOIN
-    (SELECT repeat('x', 30000) AS a)`, a CTE, VALUES) is bounded as a SELECT's columns are."""
-    ctes: dict[str, exp.Expression] = {}  # the CTEs it can name: its own and its enclosing queries'
-    scope: exp.Expression | None = select
-    while scope is not None:
-        if isinstance(scope.args.get("with_"), exp.With):
-            ctes = {cte.alias: cte.this for cte in scope.args["with_"].expressions} | ctes  # the nearest wins
-        scope = scope.parent
-    sources = [select.args["from_"].this, *(join.this for join in select.args["joins"])] if select.args.get("from_") else []
-    size = sum(sizes.get(id(ctes.get(source.name) if isinstance(source, exp.Table) and source.name in ctes else source), 0)
-               for source in sources)
-    if size > MAX_BUILT_SIZE_PER_ROW:
-        raise QueryError(f"the sources of a join build at most {MAX_BUILT_SIZE_PER_ROW:,} characters or elements of "
-                         f"constants (each is copied into every row it is joined with); these may build {size:,}")
-
-
-# Values of a bounded size whatever their arguments (hashes, hex, uuid).
-_FIXED_SIZE_VALUES = (exp.MD5, exp.SHA, exp.SHA2, exp.Hex, exp.Uuid)
-_FIXED_SIZE_FUNCTIONS = {"md5", "sha224", "sha256", "sha384", "sha512", "digest", "to_hex", "uuid"}
-MAX_FIXED_SIZE = 128
-# Values that differ on every row like a field's (so built per row), though they read none.
-_VOLATILE_VALUES = (exp.Rand, exp.Uuid)
-_VOLATILE_FUNCTIONS = {"random", "uuid"}
-# Values that are one of their arguments: the largest counts, not their sum.
-_ONE_OF_ITS_ARGUMENTS = (exp.Case, exp.If, exp.Coalesce, exp.Greatest, exp.Least)
-_ROW_VALUES = (exp.Func, exp.Binary)  # computed once per row when they read a field
-# Values that stay small whatever their arguments hold (a comparison's truth, a length), so a
-# literal compared with each row is not built per row.
-_SMALL_VALUES = (exp.Predicate, exp.Connector, exp.Not, exp.Length)
-
-
-def _check_row_values(select: exp.Select, sizes: dict[int, int]) -> None:
-    """What a SELECT over rows returns or groups by is built for every row of a batch,
-    constants too (`SELECT repeat('x', 900000) FROM c`: 59 GB over one batch, and the failed
-    allocation aborts the process), so together at most MAX_BUILT_SIZE_PER_ROW."""
-    size = sum(sizes.get(id(column), 0) for column in [*select.expressions, select.args.get("group")])
-    if size > MAX_BUILT_SIZE_PER_ROW:
-        raise QueryError(f"the columns and groups of a SELECT over rows hold at most {MAX_BUILT_SIZE_PER_ROW:,} "
-                         f"characters or elements of constants per row (each row of a batch of {BATCH_ROWS:,} gets its own); "
-                         f"these may hold {size:,}")
-
-
-def _builder_call(node: exp.Expression) -> tuple[str, list[exp.Expression]]:
-    """The function name and arguments of a call, as written ("" for sqlglot's other nodes)."""
-    if isinstance(node, exp.Anonymous):
-        return node.name.lower(), node.expressions
-    if isinstance(node, exp.ExplodingGenerateSeries):
-        return "generate_series", [node.args[k] for k in ("start", "end", "step") if node.args.get(k)]
-    if isinstance(node, exp.Repeat):
-        return "repeat", [node.this, node.args["times"]]
-    if isinstance(node, exp.Pad):
-        return "lpad" if node.args.get("is_left") else "rpad", [node.this, node.expression]
-    if isinstance(node, exp.Replace):
-        return "replace", [node.this, node.expression, node.args.get("replacement")]
-    if isinstance(node, exp.RegexpReplace):
-        return "regexp_replace", [node.this, node.expression, node.args.get("replacement"), node.args.get("modifiers")]
-    if isinstance(node, exp.Levenshtein):
-        return "levenshtein", [node.this, node.expression]
-    return "", []
-
-
-def _built_size(name: str, arguments: list[exp.Expression], sizes: dict[int, int]) -> int:
-    """How many characters or elements a call of `name` builds (1 if its size is no literal)."""
-    position = _BUILDERS[name]
-    if position is None:
-        bounds = [_integer_literal(a) for a in arguments]
-        if not bounds or None in bounds:
-            raise QueryError(f"{name}(...) outside FROM takes integer literals, e.g. {name}(1, 100); in FROM, any bounds")
-        start, stop, step = (0, bounds[0], 1) if len(bounds) == 1 else (bounds + [1])[:3]
-        if name == "generate_series":  # its stop is included
-            stop += 1 if step > 0 else -1
-        return max(0, -((start - stop) // step)) if step else 0  # DataFusion refuses a step of 0
-    if len(arguments) <= position:
-        return 1  # DataFusion says what is missing
-    count = _integer_literal(arguments[position])
-    if count is None:
-        raise QueryError(f"{name}(...) takes its size as an integer literal (or a parameter), not from the data")
-    if _reads_a_field(arguments[0]):  # built from a field's values: once per row
-        most = MAX_REPEATS_OF_A_FIELD if name in _REPEATERS else MAX_BUILT_SIZE_PER_ROW
-        if count > most:
-            raise QueryError(f"{name}(...) of a field's values builds at most {most:,} "
-                             f"{'times the value' if name in _REPEATERS else 'characters or elements'} per row")
-    if name in _REPEATERS:
-        return max(0, count) * max(1, sizes.get(id(arguments[0]), 0))
-    return max(0, count)
-
-
-def _joined_size(node: exp.Expression, sizes: dict[int, int]) -> int:
-    """What a call that multiplies its input builds: `encode` (hex: twice the bytes),
-    `concat_ws` (its separator between every two values), `array_to_string` (its separator
-    after every element: over a field's arrays, at most MAX_REPEATS_OF_A_FIELD characters)."""
-    if isinstance(node, exp.Encode):
-        return 2 * sizes.get(id(node.this), 0)
-    if isinstance(node, exp.ConcatWs):
-        separator, *values = node.expressions or [None]
-        return sizes.get(id(separator), 0) * max(1, len(values)) + sum(sizes.get(id(v), 0) for v in values)
-    separator = sizes.get(id(node.expression), 0)
-    if _reads_a_field(node.this) and 1 + separator > MAX_REPEATS_OF_A_FIELD:
-        raise QueryError(f"array_to_string(...) of a field's arrays takes a separator of at most "
-                         f"{MAX_REPEATS_OF_A_FIELD - 1} characters (it follows every element)")
-    return max(1, sizes.get(id(node.this), 0)) * (1 + separator)
-
-
-def _replaced_size(name: str, node: exp.Expression, arguments: list[exp.Expression], sizes: dict[int, int]) -> int:
-    """What a replacing call builds: its input grown by the most the replacement can add per
-    match (every character matches an empty pattern; a regex replacement's `$0` repeats the
-    whole match), plus the arguments' own sizes."""
-    if len(arguments) < 3 or arguments[2] is None:
-        return sum(sizes.get(id(child), 0) for child in node.iter_expressions())  # DataFusion says what is missing
-    value, target, replacement = arguments[:3]
-    target_text = _text_of(target)
-    if _reads_a_field(replacement):
-        # A field put into a template (`replace('/items/{id}', '{id}', id)`) is a concat.
-        value_text = _text_of(value)
-        if name != "replace" or not value_text or not target_text or value_text.count(target_text) > MAX_REPEATS_OF_A_FIELD:
-            raise QueryError(f"{name}(...) takes its replacement from the query (a literal, a parameter), or a "
-                             f"field's value into a literal text at most {MAX_REPEATS_OF_A_FIELD} times; not from the data")
-        return len(value_text)
-    replacement_text = _text_of(replacement)
-    replacement_size = sizes.get(id(replacement), 0) if replacement_text is None else len(replacement_text)
-    if name == "regexp_replace":
-        # Each `$`/`\` reference may repeat the whole match (a built replacement: any of it),
-        # and with `g` every match, at least `shortest` characters, gets the rest.
-        references = replacement_size if replacement_text is None else replacement_text.count("$") + replacement_text.count("\\")
-        flags = _text_of(arguments[3]) if len(arguments) > 3 and arguments[3] is not None else ""
-        if flags is not None and "g" not in flags:
-            growth = 1 + references
-        else:
-            shortest = _shortest_match(target_text)
-            growth = (1 + references + replacement_size if not shortest
-                      else max(1, references + -(-replacement_size // shortest)))
-    elif not target_text:  # empty, or not a literal: it may match at every character
-        growth = 1 + replacement_size
-    else:
-        growth = max(1, -(-replacement_size // len(target_text)))
-    if _reads_a_field(value) and growth > MAX_REPEATS_OF_A_FIELD:
-        raise QueryError(f"{name}(...) of a field's values may grow each value at most {MAX_REPEATS_OF_A_FIELD} times "
-                         f"per row; this replacement may grow it {growth} times")
-    return growth * max(1, sizes.get(id(value), 0)) + sum(sizes.get(id(a), 0) for a in arguments[1:] if a is not None)
-
-
-def _shortest_match(pattern: str | None) -> int:
-    """The fewest characters a match of `pattern` has (0 when unknown or it may be empty),
-    by Python's regex parser: close enough to Rust's syntax for a bound, and where it is
-    not, 0 is the safe answer."""
-    if pattern is None:
-        return 0
-    try:
-        return re._parser.parse(pattern).getwidth()[0]  # type: ignore[attr-defined]
-    except Exception:
-        return 0
-
-
-def _check_levenshtein(arguments: list[exp.Expression], sizes: dict[int, int]) -> None:
-    """levenshtein's steps, length × length, within MAX_LEVENSHTEIN_STEPS: over literals per
-    call, over a field's values per batch, with each field's length bounded by `left(f, n)`."""
-    lengths = [_bounded_length(argument, sizes) for argument in arguments[:2]]
-    if None in lengths:
-        raise QueryError("levenshtein(...) of a field's values takes a bounded part of it, e.g. "
-                         "levenshtein(left(name, 100), 'jon'): each call runs length × length steps")
-    per_batch = any(_reads_a_field(argument) for argument in arguments[:2])
-    steps = lengths[0] * lengths[1] * (BATCH_ROWS if per_batch else 1)
-    if steps > MAX_LEVENSHTEIN_STEPS:
-        raise QueryError(f"levenshtein(...) would take {steps:,} steps{' per batch of rows' if per_batch else ''}, "
-                         f"more than {MAX_LEVENSHTEIN_STEPS:,}")
-
-
-def _bounded_length(node: exp.Expression, sizes: dict[int, int]) -> int | None:
-    """The most characters a value can have, when the query says (what it builds, or a field
-    cut by `left`/`substr` to a literal length); None when the data decides."""
-    cut = None
-    if isinstance(node, exp.Left):
-        cut = _integer_literal(node.expression)
-    elif isinstance(node, exp.Substring) and node.args.get("length") is not None:
-        cut = _integer_literal(node.args["length"])
-    if cut is not None and cut >= 0:  # `left(s, -1)` is all of s but its last character
-        return cut
-    return None if _reads_a_field(node) else sizes.get(id(node), 0)
-
-
-def _reads_a_field(node: exp.Expression) -> bool:
-    """Whether `node`'s value may differ per row: it reads a field or a volatile function."""
-    return any(
-        isinstance(n, (exp.Column, *_VOLATILE_VALUES))
-        or isinstance(n, exp.Anonymous) and n.name.lower() in _VOLATILE_FUNCTIONS
-        for n in node.walk()
-    )
-
-
-def _text_of(node: exp.Expression | None) -> str | None:
-    """A literal's text (a string's, or a number's as written); None for anything else."""
-    return node.name if isinstance(node, exp.Literal) else None
-
-
-def _integer_literal(node: exp.Expression | None) -> int | None:
-    if isinstance(node, exp.Neg):
-        value = _integer_literal(node.this)
-        return None if value is None else -value
-    return int(node.name) if isinstance(node, exp.Literal) and node.is_int else None
 
 
 # The column that joins an unnested element back to its document (see _rewrite_lateral_unnest).
@@ -1033,7 +756,7 @@ def _best_only(select: exp.Select) -> int | None:
 def _row_count(node: exp.Expression | None) -> int | None:
     """The value of a LIMIT or OFFSET that is an integer literal DataFusion takes (0 to
     2^63-1), else None: DataFusion judges the rest (`LIMIT -1` is a Neg, whose `name` is 1)."""
-    count = _integer_literal(node)
+    count = integer_literal(node)
     return count if count is not None and 0 <= count < 2**63 else None
 
 
