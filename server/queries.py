@@ -223,7 +223,10 @@ async def run_sql(app: web.Application, query: str, parameters: list[dict[str, A
         )
         # Rendered here, not on the event loop, which other requests are waiting for.
         shown = result.table if options.first_page is None else result.table.slice(0, options.first_page)
-        return prepared, result, rows_of(shown)
+        try:
+            return prepared, result, rows_of(shown)
+        except (OverflowError, ValueError) as error:  # a date past year 9999, a bad zone (pyarrow's errors too)
+            raise planner.QueryError(f"the answer holds a value JSON cannot show: {error}") from None
 
     try:
         prepared, result, rows = await runner.run(plan_and_run, liveness)

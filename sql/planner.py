@@ -49,10 +49,13 @@ def _rockset_function(name: str) -> Callable[[list], exp.Expression]:
 
 class _Dialect(Postgres):
     """PostgreSQL, the closest to DataFusion's SQL, with Rockset's search functions kept as
-    plain calls (sqlglot would read SEARCH and CONTAINS as other dialects' functions)."""
+    plain calls (sqlglot would read SEARCH and CONTAINS as other dialects' functions), and so
+    DataFusion's time formatting and parsing: their formats are chrono's (`%Y-%m-%d`), which
+    sqlglot would rewrite into PostgreSQL's (`YYYY-MM-%D`) when it writes a query back."""
 
     class Parser(Postgres.Parser):
-        FUNCTIONS = {**Postgres.Parser.FUNCTIONS, **{n: _rockset_function(n) for n in ("SEARCH", "CONTAINS", "PHRASE")}}
+        FUNCTIONS = {**Postgres.Parser.FUNCTIONS, **{n: _rockset_function(n) for n in (
+            "SEARCH", "CONTAINS", "PHRASE", "TO_CHAR", "TO_DATE", "TO_TIMESTAMP")}}
 
         def _parse_unnest(self, with_alias: bool = True) -> exp.Unnest | None:
             """Also Rockset's `UNNEST(tags AS tag)`: the element column's name inside the call."""

@@ -24,6 +24,7 @@ arguments.
 
 from __future__ import annotations
 
+import math
 import re
 
 from sqlglot import exp
@@ -48,20 +49,25 @@ MAX_BUILT_SIZE = 1_000_000
 MAX_BUILT_TOTAL = 10 * MAX_BUILT_SIZE  # by all the calls of a query together
 # Over a field's values a call runs on every row of a batch (65,536) at once, so less: a value
 # repeated (or grown by replacing) at most this often, a padded or resized one at most this long
-# (`lpad(s, 100000)` over one batch: 6.5 GB, and the failed allocation aborts the process).
+# (`lpad(s, 100000)` over one batch: 6.5 GB, and the failed allocation aborts the process;
+# `max(range(9999))` over rows: 5.2 GB, as elements take 8 to 32 bytes).
 MAX_REPEATS_OF_A_FIELD = 10
-MAX_BUILT_SIZE_PER_ROW = 10_000
-# levenshtein takes length × length steps per row, all between two liveness checks
-# (`levenshtein(repeat('a', 100000), repeat('b', 100000))`: 11 s past a 1 s limit): at most
-# this many per call over literals, about a second, and per batch over a field's values.
-MAX_LEVENSHTEIN_STEPS = 1_000_000_000
+MAX_BUILT_SIZE_PER_ROW = 1_000
+# levenshtein and array_has_all take length × length steps per row, all between two liveness
+# checks (`levenshtein(repeat('a', 100000), repeat('b', 100000))`: 11 s past a 1 s limit): at
+# most this many per call over constants, about a second, and per batch over a field's values.
+MAX_QUADRATIC_STEPS = 1_000_000_000
+# A regex or LIKE pattern computed from a field is compiled for each row
+# (`regexp_like('z', concat(s, repeat('a', 5000)))` aborted the process): its constants.
+MAX_PATTERN_PER_ROW = 100
+MAX_PERCENTILE_CENTROIDS = 10_000  # approx_percentile_cont's third argument allocates that many
 
 
 def check_built_sizes(tree: exp.Expression) -> None:
     """Refuse a call that would build more than MAX_BUILT_SIZE elements or characters, given
     what its arguments build (`repeat(repeat('x', 1000), 2000)`: 2,000,000), a query whose
     calls build more than MAX_BUILT_TOTAL together, a value over rows larger than
-    MAX_BUILT_SIZE_PER_ROW, or levenshtein beyond MAX_LEVENSHTEIN_STEPS. The size of a
+    MAX_BUILT_SIZE_PER_ROW, or quadratic work beyond MAX_QUADRATIC_STEPS. The size of a
     value read from a column is not known here, and counts as 1."""
     sizes: dict[int, int] = {}  # the most characters or elements each node's value can hold
     total = 0
@@ -72,14 +78,22 @@ def check_built_sizes(tree: exp.Expression) -> None:
         name, arguments = _builder_call(node)
         if isinstance(node, _FIXED_SIZE_VALUES) or name in _FIXED_SIZE_FUNCTIONS:
             size = MAX_FIXED_SIZE
-        elif isinstance(node, (exp.Encode, exp.ConcatWs, exp.ArrayToString)):
-            name, size = node.sql_name().lower(), _joined_size(node, sizes)
+        elif name in _JOINERS:
+            size = _joined_size(name, arguments, sizes)
+        elif name in _FORMATTERS:
+            size = _FORMATTED_GROWTH * sum(sizes.get(id(a), 0) for a in arguments[1:2]) + MAX_FIXED_SIZE
         elif name in _BUILDERS and not isinstance(node.parent, exp.Table):
             size = _built_size(name, arguments, sizes)
         elif name in _REPLACERS:
             size = _replaced_size(name, node, arguments, sizes)
-        elif name == "levenshtein":
-            _check_levenshtein(arguments, sizes)
+        elif name in _QUADRATIC:
+            _check_quadratic(name, arguments, sizes)
+        elif name in _PERCENTILES:
+            _check_percentile(name, arguments)
+        _check_pattern(node, sizes)
+        if isinstance(node, exp.Window) and isinstance(node.this, _VALUE_AGGREGATES):
+            raise QueryError("array_agg and string_agg are aggregates, not window functions here: over a window "
+                             "each row gets a value that grows with the window (use GROUP BY)")
         if name and size > MAX_BUILT_SIZE:
             raise QueryError(f"{name}(...) would build {size:,} characters or elements, more than {MAX_BUILT_SIZE:,}")
         total += size if name else 0
@@ -95,28 +109,51 @@ def check_built_sizes(tree: exp.Expression) -> None:
             _check_row_values(node, sizes)
         sizes[id(node)] = 0 if isinstance(node, _SMALL_VALUES) else size
     for select in tree.find_all(exp.Select):
-        if select.args.get("joins"):
-            _check_joined_constants(select, sizes)
+        if select.args.get("from_"):
+            _check_source_constants(select, sizes)
 
 
-def _check_joined_constants(select: exp.Select, sizes: dict[int, int]) -> None:
-    """A join copies each side's values into every row it pairs them with, so what the
-    sources of a join build (a constant row joined with a collection: `FROM c CROSS JOIN
-    (SELECT repeat('x', 30000) AS a)`, a CTE, VALUES) is bounded as a SELECT's columns are."""
+def _check_source_constants(select: exp.Select, sizes: dict[int, int]) -> None:
+    """What a query reads rows from is bounded as a SELECT's columns are when it holds
+    constants: a join copies each side's values into every row it pairs them with (`FROM c
+    CROSS JOIN (SELECT repeat('x', 30000) AS a)`), and a constant row's values (a subquery,
+    CTE or VALUES without FROM) are what later calls repeat or pad, where they count as a
+    field's (`WITH t AS (SELECT repeat('x', 999000) AS a) SELECT repeat(a, 10) FROM t`).
+    Rows a constant row unnests count as their elements, not the whole array."""
     ctes: dict[str, exp.Expression] = {}  # the CTEs it can name: its own and its enclosing queries'
     scope: exp.Expression | None = select
     while scope is not None:
         if isinstance(scope.args.get("with_"), exp.With):
             ctes = {cte.alias: cte.this for cte in scope.args["with_"].expressions} | ctes  # the nearest wins
         scope = scope.parent
-    sources = [select.args["from_"].this, *(join.this for join in select.args["joins"])] if select.args.get("from_") else []
-    size = sum(sizes.get(id(ctes.get(source.name) if isinstance(source, exp.Table) and source.name in ctes else source), 0)
-               for source in sources)
+    joined = bool(select.args.get("joins"))
+    size = 0
+    for source in [select.args["from_"].this, *(join.this for join in select.args.get("joins") or [])]:
+        if isinstance(source, exp.Table) and source.name in ctes:
+            source = ctes[source.name]
+        query = source.this if isinstance(source, exp.Subquery) else source
+        if isinstance(query, exp.Select) and not query.args.get("from_"):  # a constant row
+            size += sum(sizes.get(id(column), 0) for column in query.expressions if not column.find(exp.Explode, exp.Unnest))
+        elif joined or isinstance(query, exp.Values):
+            size += sizes.get(id(source), 0)
     if size > MAX_BUILT_SIZE_PER_ROW:
-        raise QueryError(f"the sources of a join build at most {MAX_BUILT_SIZE_PER_ROW:,} characters or elements of "
-                         f"constants (each is copied into every row it is joined with); these may build {size:,}")
+        raise QueryError(f"the rows a query reads from hold at most {MAX_BUILT_SIZE_PER_ROW:,} characters or elements "
+                         f"of constants (each row, joined or not, is copied or grown by what follows); these may hold {size:,}")
 
 
+# Calls that multiply what they are given: a separator between or after every value, or hex.
+_JOINERS = {"encode", "concat_ws", "array_to_string", "array_join", "list_to_string", "list_join"}
+# Calls whose text is their format's, each specifier giving up to this many characters
+# (`%c`: 24 characters from 2).
+_FORMATTERS = {"to_char", "date_format"}
+_FORMATTED_GROWTH = 12
+_QUADRATIC = {"levenshtein", "array_has_all", "array_has_any"}
+_PERCENTILES = {"approx_percentile_cont": 2, "approx_percentile_cont_with_weight": 3}  # the centroids' argument
+# Aggregates whose value grows with their input; over a window, each row gets one.
+_VALUE_AGGREGATES = (exp.ArrayAgg, exp.GroupConcat)
+# Calls whose pattern (the argument) is compiled, for each row when it reads a field.
+_PATTERNS = (exp.Like, exp.ILike, exp.SimilarTo, exp.RegexpLike, exp.RegexpILike)
+_PATTERN_FUNCTIONS = {"regexp_like": 1, "regexp_match": 1, "regexp_count": 1, "regexp_replace": 1, "regexp_instr": 1}
 # Values of a bounded size whatever their arguments (hashes, hex, uuid).
 _FIXED_SIZE_VALUES = (exp.MD5, exp.SHA, exp.SHA2, exp.Hex, exp.Uuid)
 _FIXED_SIZE_FUNCTIONS = {"md5", "sha224", "sha256", "sha384", "sha512", "digest", "to_hex", "uuid"}
@@ -126,7 +163,7 @@ _VOLATILE_VALUES = (exp.Rand, exp.Uuid)
 _VOLATILE_FUNCTIONS = {"random", "uuid"}
 # Values that are one of their arguments: the largest counts, not their sum.
 _ONE_OF_ITS_ARGUMENTS = (exp.Case, exp.If, exp.Coalesce, exp.Greatest, exp.Least)
-_ROW_VALUES = (exp.Func, exp.Binary)  # computed once per row when they read a field
+_ROW_VALUES = (exp.Func, exp.Binary, exp.Bracket, exp.Unary)  # computed once per row when they read a field
 # Values that stay small whatever their arguments hold (a comparison's truth, a length), so a
 # literal compared with each row is not built per row.
 _SMALL_VALUES = (exp.Predicate, exp.Connector, exp.Not, exp.Length)
@@ -159,6 +196,14 @@ def _builder_call(node: exp.Expression) -> tuple[str, list[exp.Expression]]:
         return "regexp_replace", [node.this, node.expression, node.args.get("replacement"), node.args.get("modifiers")]
     if isinstance(node, exp.Levenshtein):
         return "levenshtein", [node.this, node.expression]
+    if isinstance(node, exp.ArrayContainsAll):
+        return "array_has_all", [node.this, node.expression]
+    if isinstance(node, exp.Encode):
+        return "encode", [node.this]
+    if isinstance(node, exp.ConcatWs):
+        return "concat_ws", node.expressions
+    if isinstance(node, exp.ArrayToString):
+        return "array_to_string", [node.this, node.expression]
     return "", []
 
 
@@ -188,20 +233,23 @@ def _built_size(name: str, arguments: list[exp.Expression], sizes: dict[int, int
     return max(0, count)
 
 
-def _joined_size(node: exp.Expression, sizes: dict[int, int]) -> int:
+def _joined_size(name: str, arguments: list[exp.Expression], sizes: dict[int, int]) -> int:
     """What a call that multiplies its input builds: `encode` (hex: twice the bytes),
-    `concat_ws` (its separator between every two values), `array_to_string` (its separator
-    after every element: over a field's arrays, at most MAX_REPEATS_OF_A_FIELD characters)."""
-    if isinstance(node, exp.Encode):
-        return 2 * sizes.get(id(node.this), 0)
-    if isinstance(node, exp.ConcatWs):
-        separator, *values = node.expressions or [None]
+    `concat_ws` (its separator between every two values), `array_to_string` and its aliases
+    (its separator after every element: over a field's arrays, at most
+    MAX_REPEATS_OF_A_FIELD characters)."""
+    if name == "encode":
+        return 2 * sum(sizes.get(id(a), 0) for a in arguments[:1])
+    if name == "concat_ws":
+        separator, *values = arguments or [None]
         return sizes.get(id(separator), 0) * max(1, len(values)) + sum(sizes.get(id(v), 0) for v in values)
-    separator = sizes.get(id(node.expression), 0)
-    if _reads_a_field(node.this) and 1 + separator > MAX_REPEATS_OF_A_FIELD:
-        raise QueryError(f"array_to_string(...) of a field's arrays takes a separator of at most "
+    if len(arguments) < 2:
+        return sum(sizes.get(id(a), 0) for a in arguments)  # DataFusion says what is missing
+    array, separator = arguments[0], sizes.get(id(arguments[1]), 0)
+    if _reads_a_field(array) and 1 + separator > MAX_REPEATS_OF_A_FIELD:
+        raise QueryError(f"{name}(...) of a field's arrays takes a separator of at most "
                          f"{MAX_REPEATS_OF_A_FIELD - 1} characters (it follows every element)")
-    return max(1, sizes.get(id(node.this), 0)) * (1 + separator)
+    return max(1, sizes.get(id(array), 0)) * (1 + separator)
 
 
 def _replaced_size(name: str, node: exp.Expression, arguments: list[exp.Expression], sizes: dict[int, int]) -> int:
@@ -254,18 +302,50 @@ def _shortest_match(pattern: str | None) -> int:
         return 0
 
 
-def _check_levenshtein(arguments: list[exp.Expression], sizes: dict[int, int]) -> None:
-    """levenshtein's steps, length × length, within MAX_LEVENSHTEIN_STEPS: over literals per
-    call, over a field's values per batch, with each field's length bounded by `left(f, n)`."""
+def _check_quadratic(name: str, arguments: list[exp.Expression], sizes: dict[int, int]) -> None:
+    """Steps of length × length within MAX_QUADRATIC_STEPS: over constants per call; for
+    levenshtein over a field's values per batch, with each field's length bounded by `left(f,
+    n)`. An array from a field is the data's own size, and a constant beside it is bounded
+    per row."""
+    if name != "levenshtein":
+        if not any(_reads_a_field(argument) for argument in arguments[:2]):
+            steps = math.prod(max(1, sizes.get(id(argument), 0)) for argument in arguments[:2])
+            if steps > MAX_QUADRATIC_STEPS:
+                raise QueryError(f"{name}(...) would take {steps:,} steps, more than {MAX_QUADRATIC_STEPS:,}")
+        return
     lengths = [_bounded_length(argument, sizes) for argument in arguments[:2]]
     if None in lengths:
         raise QueryError("levenshtein(...) of a field's values takes a bounded part of it, e.g. "
                          "levenshtein(left(name, 100), 'jon'): each call runs length × length steps")
     per_batch = any(_reads_a_field(argument) for argument in arguments[:2])
     steps = lengths[0] * lengths[1] * (BATCH_ROWS if per_batch else 1)
-    if steps > MAX_LEVENSHTEIN_STEPS:
+    if steps > MAX_QUADRATIC_STEPS:
         raise QueryError(f"levenshtein(...) would take {steps:,} steps{' per batch of rows' if per_batch else ''}, "
-                         f"more than {MAX_LEVENSHTEIN_STEPS:,}")
+                         f"more than {MAX_QUADRATIC_STEPS:,}")
+
+
+def _check_percentile(name: str, arguments: list[exp.Expression]) -> None:
+    position = _PERCENTILES[name]
+    if len(arguments) > position:
+        centroids = integer_literal(arguments[position])
+        if centroids is None or not 0 < centroids <= MAX_PERCENTILE_CENTROIDS:
+            raise QueryError(f"{name}(...) takes its number of centroids as an integer literal from 1 to "
+                             f"{MAX_PERCENTILE_CENTROIDS:,}")
+
+
+def _check_pattern(node: exp.Expression, sizes: dict[int, int]) -> None:
+    """A regex or LIKE pattern computed from a field is compiled for every row: at most
+    MAX_PATTERN_PER_ROW characters of constants besides the field's."""
+    name, arguments = _builder_call(node)
+    if isinstance(node, _PATTERNS):
+        pattern = node.expression
+    elif isinstance(node, exp.RegexpCount) or name in _PATTERN_FUNCTIONS:
+        pattern = node.expression if isinstance(node, exp.RegexpCount) else arguments[1] if len(arguments) > 1 else None
+    else:
+        return
+    if pattern is not None and _reads_a_field(pattern) and sizes.get(id(pattern), 0) > MAX_PATTERN_PER_ROW:
+        raise QueryError(f"a pattern computed from a field's values holds at most {MAX_PATTERN_PER_ROW} characters "
+                         f"besides them (it is compiled for each row)")
 
 
 def _bounded_length(node: exp.Expression, sizes: dict[int, int]) -> int | None:

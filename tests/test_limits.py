@@ -229,9 +229,9 @@ async def test_a_join_check_leaves_answers_and_stars_alone(tiny):
     ("SELECT COUNT(*) AS k FROM commons.c WHERE length(repeat(uuid(), 30000)) > 0", "per row"),
     ("SELECT COUNT(*) AS k FROM commons.c WHERE length(repeat(CAST(random() AS VARCHAR), 1000000)) > 0", "per row"),
     # A join copies a constant row into each row it pairs it with.
-    ("SELECT length(a) AS k FROM commons.c CROSS JOIN (SELECT repeat('x', 30000) AS a) t", "sources of a join"),
-    ("WITH k AS (SELECT repeat('x', 900000) AS x) SELECT length(x) AS l FROM commons.c, k", "sources of a join"),
-    ("SELECT length(x) AS l FROM commons.c CROSS JOIN (VALUES (repeat('x', 30000))) v(x)", "sources of a join"),
+    ("SELECT length(a) AS k FROM commons.c CROSS JOIN (SELECT repeat('x', 30000) AS a) t", "rows a query reads from"),
+    ("WITH k AS (SELECT repeat('x', 900000) AS x) SELECT length(x) AS l FROM commons.c, k", "rows a query reads from"),
+    ("SELECT length(x) AS l FROM commons.c CROSS JOIN (VALUES (repeat('x', 30000))) v(x)", "rows a query reads from"),
     # Functions that multiply what they are given (21 nested hex encodings: 2 MB).
     ("SELECT length(" + "encode(" * 21 + "'a'" + ", 'hex')" * 21 + ") AS k", "encode"),
     ("SELECT length(array_to_string(range(1000000), repeat('x', 1000))) AS k", "array_to_string"),
@@ -239,6 +239,18 @@ async def test_a_join_check_leaves_answers_and_stars_alone(tiny):
     ("SELECT length(concat_ws(repeat('x', 100000), " + ", ".join(["'a'"] * 11) + ")) AS k", "concat_ws"),
     ("SELECT levenshtein(left(CAST(n AS VARCHAR), -1), 'a') AS d FROM commons.c", "bounded part"),
     ("SELECT levenshtein(repeat(md5('a'), 3000), repeat(md5('b'), 3000)) AS d", "levenshtein"),
+    # Found by probing (each aborted the process, ran far past its limit or panicked).
+    ("SELECT n FROM commons.c WHERE range(1000000)[n % 10 + 1] = 5", "computed from a field"),
+    ("SELECT max(range(9999)) AS k FROM commons.c", "columns and groups"),
+    ("WITH t AS (SELECT repeat('x', 999000) AS a), u AS (SELECT repeat(a, 10) AS b FROM t) SELECT length(b) AS k FROM u",
+     "rows a query reads from"),
+    ("SELECT length(list_join(range(3000), repeat('x', 990000))) AS k", "list_join"),
+    ("SELECT max(length(to_char(arrow_cast(n, 'Timestamp(Second, None)'), repeat('%c', 100)))) AS k FROM commons.c", "computed from a field"),
+    ("SELECT COUNT(*) AS k FROM commons.c WHERE regexp_like('zzz', concat(CAST(n AS VARCHAR), repeat('a', 500)))", "pattern"),
+    ("SELECT COUNT(*) AS k FROM commons.c WHERE 'zzz' LIKE concat(CAST(n AS VARCHAR), repeat('%_', 100))", "pattern"),
+    ("SELECT array_has_all(range(100000), range(100000)) AS k", "array_has_all"),
+    ("SELECT approx_percentile_cont(value, 0.5, 1000000000) AS k FROM range(10)", "centroids"),
+    ("SELECT max(cardinality(a)) AS k FROM (SELECT array_agg(n) OVER (ORDER BY n) AS a FROM commons.c)", "window"),
     # Each call within its limit, together far beyond.
     ("SELECT " + " || ".join(["repeat('x', 900000)"] * 12) + " AS s", "in all"),
 ])
@@ -268,6 +280,13 @@ async def test_functions_build_values_up_to_the_limit(tiny):
     assert tiny(f"SELECT length('{long_text}') AS k") == [{"k": 20000}]
     assert tiny("SELECT COUNT(*) AS k FROM (SELECT unnest(range(1000000)) AS x) t") == [{"k": 1_000_000}]
     assert tiny("WITH k AS (SELECT 'ab' AS x) SELECT length(x) AS l FROM commons.c, k WHERE n = 1") == [{"l": 2}]
+    assert tiny("SELECT range(5)[n + 1] AS r, to_char(arrow_cast(n, 'Timestamp(Second, None)'), '%Y-%m-%d') AS d, "
+                "array_has_all(make_array(n, 0), make_array(0)) AS h FROM commons.c WHERE n = 1") == [
+        {"r": 1, "d": "1970-01-01", "h": True}]
+    assert tiny("SELECT COUNT(*) AS k FROM commons.c WHERE CAST(n AS VARCHAR) LIKE concat('%', CAST(n AS VARCHAR))") == [{"k": 3}]
+    assert tiny("SELECT COUNT(*) AS k FROM commons.c WHERE regexp_like(CAST(n AS VARCHAR), '^[0-9]+$')") == [{"k": 3}]
+    assert tiny("SELECT approx_percentile_cont(value, 0.5, 100) AS p, cardinality(array_agg(value)) AS a FROM range(10)") == [
+        {"p": ANY, "a": 10}]
     assert tiny("SELECT regexp_replace(CAST(n AS VARCHAR) || ' at https://x.io/a', 'https?://[^ ]+', '[link removed]', 'g') AS a, "
                 "regexp_replace(CAST(n AS VARCHAR) || ' ab', '(\\d+) (\\w+)', '$2 is $1', 'g') AS b, "
                 "replace('/items/{id}', '{id}', CAST(n AS VARCHAR)) AS c, "

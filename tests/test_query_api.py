@@ -153,3 +153,11 @@ async def test_time_parameters_answer_as_iso_text_with_their_types(numbers):
     status, body = await numbers.api("POST", "/v1/orgs/self/queries", {"sql": {
         "query": "SELECT :d AS d", "parameters": [{"name": "d", "type": "date", "value": "29/02/2024"}]}})
     assert status == 400 and "not a valid date" in body["message"], body
+
+
+@pytest.mark.parametrize("sql", ["SELECT to_date(2147483647) AS d", "SELECT to_timestamp(1e300) AS t",
+                                 "SELECT arrow_cast(1, 'Timestamp(Second, Some(\"+99:99\"))') AS t"])
+async def test_values_json_cannot_show_are_400(numbers, sql):
+    """Dates beyond Python's year 9999 and unknown time zones: a query error, not a 500."""
+    status, body = await numbers.api("POST", "/v1/orgs/self/queries", {"sql": {"query": sql}})
+    assert status == 400 and body["type"] == "QUERY_ERROR", body

@@ -134,6 +134,14 @@ async def test_a_timestamp_parameter_compares_with_the_event_time(run, moment, i
     assert [row["_id"] for row in rows] == ids
 
 
+async def test_time_functions_take_datafusions_formats(run):
+    """chrono's `%Y-%m-%d`, as DataFusion reads it: sqlglot rewrote it into PostgreSQL's
+    `YYYY-MM-%D` whenever the planner wrote the query back (here, for `orders`)."""
+    rows = run("SELECT to_char(_event_time, '%Y-%m-%d') AS d, to_date('07/12/2026', '%d/%m/%Y') AS t, "
+               "to_timestamp('2026-12-07 10:00', '%Y-%m-%d %H:%M') AS ts FROM orders WHERE _id = 'd0'")
+    assert rows == [{"d": "1970-01-01", "t": datetime.date(2026, 12, 7), "ts": datetime.datetime(2026, 12, 7, 10, 0)}]
+
+
 @pytest.mark.parametrize(
     ("where", "ids"),
     [
