@@ -105,12 +105,19 @@ def check_built_sizes(tree: exp.Expression) -> None:
             raise QueryError(f"a value computed from a field's values holds at most {MAX_BUILT_SIZE_PER_ROW:,} "
                              f"characters or elements besides them (each row of a batch of {BATCH_ROWS:,} gets its own); "
                              f"this one may hold {size:,}")
-        if isinstance(node, exp.Select) and (node.args.get("from_") or node.args.get("joins")):
+        if isinstance(node, exp.AggFunc) and size > MAX_BUILT_SIZE_PER_ROW and _over_rows(node.parent_select):
+            raise QueryError(f"an aggregate's input over rows holds at most {MAX_BUILT_SIZE_PER_ROW:,} characters or "
+                             f"elements of constants (each row of a batch of {BATCH_ROWS:,} gets its own); this one may hold {size:,}")
+        if isinstance(node, exp.Select) and _over_rows(node):
             _check_row_values(node, sizes)
         sizes[id(node)] = 0 if isinstance(node, _SMALL_VALUES) else size
     for select in tree.find_all(exp.Select):
         if select.args.get("from_"):
             _check_source_constants(select, sizes)
+
+
+def _over_rows(select: exp.Select | None) -> bool:
+    return select is not None and bool(select.args.get("from_") or select.args.get("joins"))
 
 
 def _check_source_constants(select: exp.Select, sizes: dict[int, int]) -> None:

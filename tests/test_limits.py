@@ -241,7 +241,7 @@ async def test_a_join_check_leaves_answers_and_stars_alone(tiny):
     ("SELECT levenshtein(repeat(md5('a'), 3000), repeat(md5('b'), 3000)) AS d", "levenshtein"),
     # Found by probing (each aborted the process, ran far past its limit or panicked).
     ("SELECT n FROM commons.c WHERE range(1000000)[n % 10 + 1] = 5", "computed from a field"),
-    ("SELECT max(range(9999)) AS k FROM commons.c", "columns and groups"),
+    ("SELECT max(range(9999)) AS k FROM commons.c", "aggregate's input"),
     ("WITH t AS (SELECT repeat('x', 999000) AS a), u AS (SELECT repeat(a, 10) AS b FROM t) SELECT length(b) AS k FROM u",
      "rows a query reads from"),
     ("SELECT length(list_join(range(3000), repeat('x', 990000))) AS k", "list_join"),
@@ -251,6 +251,7 @@ async def test_a_join_check_leaves_answers_and_stars_alone(tiny):
     ("SELECT array_has_all(range(100000), range(100000)) AS k", "array_has_all"),
     ("SELECT approx_percentile_cont(value, 0.5, 1000000000) AS k FROM range(10)", "centroids"),
     ("SELECT max(cardinality(a)) AS k FROM (SELECT array_agg(n) OVER (ORDER BY n) AS a FROM commons.c)", "window"),
+    ("SELECT length(string_agg(repeat('x', 9000), ',')) AS k FROM range(200000)", "aggregate's input"),
     # Each call within its limit, together far beyond.
     ("SELECT " + " || ".join(["repeat('x', 900000)"] * 12) + " AS s", "in all"),
 ])
