@@ -456,14 +456,21 @@ _PARAMETER_TYPES: dict[str, Callable[[Any], exp.Expression]] = {
     # with `_event_time`).
     "date": lambda v: _typed_text(datetime.date.fromisoformat(_parse_text(v)).isoformat(), "DATE"),
     "time": lambda v: _typed_text(_parse_time(v).isoformat(), "TIME"),
-    "datetime": lambda v: _typed_text(_parse_datetime(v, zoned=False).isoformat(), "TIMESTAMP"),
-    "timestamp": lambda v: _typed_text(
-        _parse_datetime(v, zoned=True).astimezone(datetime.timezone.utc).replace(tzinfo=None).isoformat() + "Z", "TIMESTAMP"),
+    "datetime": lambda v: _timestamp(_parse_datetime(v, zoned=False)),
+    "timestamp": lambda v: _timestamp(_parse_datetime(v, zoned=True).astimezone(datetime.timezone.utc)),
 }
 
 
 def _typed_text(text: str, sql_type: str) -> exp.Expression:
     return exp.Cast(this=exp.Literal.string(text), to=exp.DataType.build(sql_type))
+
+
+def _timestamp(moment: datetime.datetime) -> exp.Expression:
+    """In microseconds, as `_event_time` is, so every year Python takes fits (SQL's TIMESTAMP
+    is DataFusion's nanoseconds: 1677 to 2262); an instant in UTC, as `_event_time`."""
+    zone = 'Some("UTC")' if moment.tzinfo else "None"
+    return exp.Anonymous(this="arrow_cast", expressions=[
+        exp.Literal.string(moment.replace(tzinfo=None).isoformat()), exp.Literal.string(f"Timestamp(Microsecond, {zone})")])
 
 
 def _parse_time(value: Any) -> datetime.time:

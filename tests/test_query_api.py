@@ -144,7 +144,7 @@ async def test_time_parameters_answer_as_iso_text_with_their_types(numbers):
                        {"name": "dt", "type": "datetime", "value": "2024-02-29T07:30:00"},
                        {"name": "ts", "type": "timestamp", "value": "2024-02-29T09:30:00+02:00"}]}})
     assert status == 200, body
-    assert body["results"] == [{"d": "2024-02-29", "t": "07:30:00", "dt": "2024-02-29T07:30:00", "ts": "2024-02-29T07:30:00"}]
+    assert body["results"] == [{"d": "2024-02-29", "t": "07:30:00", "dt": "2024-02-29T07:30:00", "ts": "2024-02-29T07:30:00+00:00"}]
     assert [f["type"] for f in body["column_fields"]] == ["date", "time", "timestamp", "timestamp"]
     status, body = await numbers.api("POST", "/v1/orgs/self/queries", {"sql": {
         "query": "SELECT COUNT(*) AS n FROM commons.numbers WHERE _event_time > :since",

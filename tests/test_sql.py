@@ -109,8 +109,11 @@ async def test_parameters_of_the_wrong_value_are_query_errors(run, type_, value)
     [("int", "-7", -7), ("int", 3.0, 3), ("float", "2.5", 2.5), ("float", 1e300, 1e300), ("string", 10, "10"), ("bool", "TRUE", True),
      ("date", "2024-02-29", datetime.date(2024, 2, 29)), ("time", "23:59:58.25", datetime.time(23, 59, 58, 250000)),
      ("datetime", "2024-02-29T23:59:58", datetime.datetime(2024, 2, 29, 23, 59, 58)),
-     ("timestamp", "2024-03-01T01:00:00+02:00", datetime.datetime(2024, 2, 29, 23, 0)),  # in UTC
-     ("timestamp", "2024-02-29T23:00:00Z", datetime.datetime(2024, 2, 29, 23, 0))],
+     ("timestamp", "2024-03-01T01:00:00+02:00", datetime.datetime(2024, 2, 29, 23, 0, tzinfo=datetime.timezone.utc)),
+     ("timestamp", "2024-02-29T23:00:00Z", datetime.datetime(2024, 2, 29, 23, 0, tzinfo=datetime.timezone.utc)),
+     # Microseconds, as `_event_time`: every year Python takes, where nanoseconds end in 2262.
+     ("timestamp", "9999-12-31T23:59:59Z", datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)),
+     ("datetime", "0001-01-01T00:00:00", datetime.datetime(1, 1, 1))],
 )
 async def test_parameters_take_values_or_their_text(run, type_, value, bound):
     assert run("SELECT :p AS v", [{"name": "p", "type": type_, "value": value}]) == [{"v": bound}]
