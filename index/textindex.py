@@ -125,7 +125,7 @@ class TextSearcher:
             return tantivy.Query.empty_query()
         if predicate.kind in ("phrase", "equals") and len(words) > 1:
             return _any([tantivy.Query.phrase_query(self._schema, path, words) for path in paths])
-        return _all([_any([tantivy.Query.term_query(self._schema, path, word) for path in paths]) for word in words])
+        return _all([_any([tantivy.Query.term_query(self._schema, path, word) for path in paths]) for word in dict.fromkeys(words)])
 
 
 _MAX_REMEMBERED_COUNTS = 256  # per commit

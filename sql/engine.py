@@ -221,6 +221,7 @@ def execute(
     if prepared.searches:
         catalog.register_schema(SEARCH_SCHEMA, datafusion.catalog.Schema.memory_schema())
     for search in prepared.searches:
+        liveness.check()  # a search runs whole: its deadline is checked between them
         _register_checked(context, f"{SEARCH_SCHEMA}.{search.table}", _matches(snapshots[search.collection], search))
     try:
         frame = context.sql_with_options(prepared.sql, _READ_ONLY).limit(row_limit)

@@ -231,6 +231,13 @@ def _keep_output_names(tree: exp.Expression, names: dict[int, str]) -> None:
 MAX_QUERY_CHARS = 256 * 1024
 MAX_QUERY_TOKENS = 20_000
 MAX_QUERY_DEPTH = 500
+# Parameters' values pasted at each `:name` (`IN (:p, :p, ...)` of a 1 MB text: a billion
+# characters for DataFusion to parse, and the process aborted): at most the largest body.
+MAX_BOUND_CHARS = 8 * 1024 * 1024
+# SEARCH(...)es per query: tantivy's work for each runs whole, before the query's deadline
+# can stop it, and its matches sit outside the memory pool (780 in one query held a query
+# thread for 150 s past a 1 s limit).
+MAX_SEARCHES = 16
 _TOO_DEEP = "the query nests parentheses, subqueries or paths too deeply"
 
 
@@ -536,6 +543,10 @@ def _bind_parameters(tree: exp.Expression, parameters: list[dict[str, Any]]) -> 
         except (TypeError, ValueError, OverflowError):
             raise QueryError(f"parameter '{name}': {value!r} is not a valid {type_}") from None
     placeholders = list(tree.find_all(exp.Placeholder))
+    sizes = {name: len(value.sql()) for name, value in values.items()}
+    if sum(sizes.get(placeholder.name, 0) for placeholder in placeholders) > MAX_BOUND_CHARS:
+        raise QueryError(f"the parameters' values, at each place they are used, come to more than "
+                         f"{MAX_BOUND_CHARS:,} characters")
     for placeholder in placeholders:
         if placeholder.name not in values:
             raise QueryError(f"parameter ':{placeholder.name}' has no value in sql.parameters")
@@ -584,7 +595,7 @@ def _plan_searches(tree: exp.Expression, schema_of: SchemaLookup) -> list[Search
         table = _single_table(select, cte_names)
         lookups = [c for c in conditions if table is not None and _id_lookup(c, table) is not None]
         if not calls and not lookups:
-            if table is not None:
+            if table is not None and len(searches) < MAX_SEARCHES:  # beyond, a scan answers as well
                 _plan_index_filter(select, table, conditions, schema_of, searches)
             continue
         if table is None:  # so there is a SEARCH: a lookup needs a table
@@ -608,6 +619,8 @@ def _plan_searches(tree: exp.Expression, schema_of: SchemaLookup) -> list[Search
         name = f"s{len(searches)}"
         table.replace(exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(SEARCH_SCHEMA), alias=exp.TableAlias(this=exp.to_identifier(alias))))
         searches.append(Search(name, collection, tuple(predicates), _best_only(select)))
+        if sum(not search.optional for search in searches) > MAX_SEARCHES:
+            raise QueryError(f"a query takes at most {MAX_SEARCHES} SEARCH(...)es or _id lookups")
     for call in tree.find_all(exp.Anonymous):
         if call.name.upper() == "SEARCH":
             raise QueryError("SEARCH(...) must be a condition of a WHERE clause, joined to the others by AND")

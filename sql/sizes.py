@@ -100,7 +100,8 @@ def check_built_sizes(tree: exp.Expression) -> None:
         if total > MAX_BUILT_TOTAL:
             raise QueryError(f"the query's functions would build {total:,} characters or elements in all, "
                              f"more than {MAX_BUILT_TOTAL:,}")
-        per_row = isinstance(node, _ROW_VALUES) and not isinstance(node, _SMALL_VALUES) and _reads_a_field(node)
+        small = isinstance(node, _SMALL_VALUES) or name in _SEARCH_CALLS
+        per_row = isinstance(node, _ROW_VALUES) and not small and _reads_a_field(node)
         if per_row and size > MAX_BUILT_SIZE_PER_ROW:
             raise QueryError(f"a value computed from a field's values holds at most {MAX_BUILT_SIZE_PER_ROW:,} "
                              f"characters or elements besides them (each row of a batch of {BATCH_ROWS:,} gets its own); "
@@ -110,7 +111,7 @@ def check_built_sizes(tree: exp.Expression) -> None:
                              f"elements of constants (each row of a batch of {BATCH_ROWS:,} gets its own); this one may hold {size:,}")
         if isinstance(node, exp.Select) and _over_rows(node):
             _check_row_values(node, sizes)
-        sizes[id(node)] = 0 if isinstance(node, _SMALL_VALUES) else size
+        sizes[id(node)] = 0 if small else size
     for select in tree.find_all(exp.Select):
         if select.args.get("from_"):
             _check_source_constants(select, sizes)
@@ -174,6 +175,7 @@ _ROW_VALUES = (exp.Func, exp.Binary, exp.Bracket, exp.Unary)  # computed once pe
 # Values that stay small whatever their arguments hold (a comparison's truth, a length), so a
 # literal compared with each row is not built per row.
 _SMALL_VALUES = (exp.Predicate, exp.Connector, exp.Not, exp.Length)
+_SEARCH_CALLS = {"search", "contains", "phrase"}  # Rockset's, answered by the text index, never per row
 
 
 def _check_row_values(select: exp.Select, sizes: dict[int, int]) -> None:

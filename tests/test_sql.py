@@ -137,6 +137,25 @@ async def test_a_timestamp_parameter_compares_with_the_event_time(run, moment, i
     assert [row["_id"] for row in rows] == ids
 
 
+async def test_a_parameter_pasted_many_times_is_bounded(run):
+    """Each `:p` gets the value's text: ten uses of a 1 MB text are 10 MB of SQL to parse
+    (a thousand were a billion characters, and the process aborted)."""
+    text = [{"name": "p", "type": "string", "value": "x" * 1_000_000}]
+    with pytest.raises(QueryError, match="parameters' values"):
+        run("SELECT COUNT(*) AS n FROM orders WHERE tag IN (" + ", ".join([":p"] * 10) + ")", text)
+    assert run("SELECT COUNT(*) AS n FROM orders WHERE tag IN (:p, :p)", text) == [{"n": 0}]
+
+
+async def test_a_query_takes_at_most_16_searches(run):
+    """Each search runs whole, before the deadline can stop it (780 held a thread 150 s)."""
+    def searches(count: int) -> str:
+        return "SELECT " + ", ".join(f"(SELECT COUNT(*) FROM orders WHERE SEARCH(CONTAINS(tag, 'a a a'))) AS c{i}"
+                                     for i in range(count))
+    assert run(searches(16)) == [{f"c{i}": 2 for i in range(16)}]
+    with pytest.raises(QueryError, match="at most 16 SEARCH"):
+        run(searches(17))
+
+
 async def test_time_functions_take_datafusions_formats(run):
     """chrono's `%Y-%m-%d`, as DataFusion reads it: sqlglot rewrote it into PostgreSQL's
     `YYYY-MM-%D` whenever the planner wrote the query back (here, for `orders`)."""
