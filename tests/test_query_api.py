@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from shoal.server import lambdas
+from shoal.server.errors import ApiError
 from support import ShoalProcess
 
 ROWS = 250
@@ -116,6 +118,7 @@ async def test_lambda_versions_run_with_default_and_given_parameters(numbers):
         {"name": "deep", "sql": {"query": "SELECT " + "(" * 46 + "1" + ")" * 46}},
         {"name": "unended", "sql": {"query": "SELECT 'x"}},
         {"name": "listname", "sql": {"query": "SELECT 1", "default_parameters": [{"name": [1], "type": "int", "value": "1"}]}},
+        {"name": "huge", "sql": {"query": "SELECT :p", "default_parameters": [{"name": "p", "type": "string", "value": "x" * 2**21}]}},
     ],
 )
 async def test_bad_lambdas_are_refused(numbers, body):
@@ -161,3 +164,21 @@ async def test_values_json_cannot_show_are_400(numbers, sql):
     """Dates beyond Python's year 9999 and unknown time zones: a query error, not a 500."""
     status, body = await numbers.api("POST", "/v1/orgs/self/queries", {"sql": {"query": sql}})
     assert status == 400 and body["type"] == "QUERY_ERROR", body
+
+
+def test_the_lambda_store_refuses_to_outgrow_its_limit(tmp_path, monkeypatch):
+    """It is rewritten whole on each change: past its limit a new version or lambda is
+    refused, and neither the store nor its file changes."""
+    monkeypatch.setattr(lambdas, "MAX_STORE_BYTES", 4096)
+    store = lambdas.LambdaStore(tmp_path / "lambdas.json")
+    body = {"name": "l", "sql": {"query": "SELECT :p AS p", "default_parameters": [{"name": "p", "type": "string", "value": "x" * 1000}]}}
+    store.add("commons", "l", body, create=True)
+    with pytest.raises(ApiError, match="MiB in all"):
+        for _ in range(10):
+            kept = len(store.versions("commons", "l"))
+            store.add("commons", "l", body, create=False)
+    assert 1 < kept < 10 and len(store.versions("commons", "l")) == kept
+    assert len(lambdas.LambdaStore(tmp_path / "lambdas.json").versions("commons", "l")) == kept
+    with pytest.raises(ApiError, match="MiB in all"):
+        store.add("commons", "other", {**body, "name": "other"}, create=True)
+    assert [summary["name"] for summary in store.summaries()] == ["l"]
