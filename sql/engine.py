@@ -220,10 +220,10 @@ def execute(
         _register_checked(context, f"{workspace}.{name}", _table_of(snapshot))
     if prepared.searches:
         catalog.register_schema(SEARCH_SCHEMA, datafusion.catalog.Schema.memory_schema())
-    for search in prepared.searches:
-        liveness.check()  # a search runs whole: its deadline is checked between them
-        _register_checked(context, f"{SEARCH_SCHEMA}.{search.table}", _matches(snapshots[search.collection], search))
     try:
+        for search in prepared.searches:
+            liveness.check()  # a search runs whole: its deadline is checked between them
+            _register_checked(context, f"{SEARCH_SCHEMA}.{search.table}", _matches(snapshots[search.collection], search))
         frame = context.sql_with_options(prepared.sql, _READ_ONLY).limit(row_limit)
         batches = []
         size = 0
@@ -239,6 +239,8 @@ def execute(
         table = pa.Table.from_batches(batches) if batches else pa.Table.from_batches([], schema=frame.schema())
     except (QueryTimeout, QueryCancelled, ResourcesExceeded):
         raise
+    except MemoryError as error:  # pyarrow's, outside the pool: a search's matches, a batch
+        raise ResourcesExceeded(f"the query ran out of memory: {error}") from None
     except Exception as error:
         liveness.check()  # a liveness function stopped the query: say why, not where
         message = _clean_message(str(error))

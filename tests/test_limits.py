@@ -19,6 +19,7 @@ import uuid
 import weakref
 from unittest.mock import ANY
 
+import pyarrow as pa
 import pytest
 
 from shoal.index.collection import Change, Collection
@@ -294,6 +295,17 @@ async def test_functions_build_values_up_to_the_limit(tiny):
                 "array_to_string(make_array(CAST(n AS VARCHAR), 'x'), ', ') AS d, "
                 "concat_ws('-', n, 'x') AS e, length(md5(CAST(n AS VARCHAR))) AS f FROM commons.c WHERE n = 1") == [
         {"a": "1 at [link removed]", "b": "ab is 1", "c": "/items/1", "d": "1, x", "e": "1-x", "f": 32}]
+
+
+async def test_memory_pyarrow_cannot_get_is_a_resources_error(tiny, monkeypatch):
+    """A search's matches are built outside the query's memory pool: when pyarrow's malloc
+    fails, the query answers RESOURCES_EXCEEDED (400), not a 500."""
+    def failing_matches(snapshot, search):
+        raise pa.ArrowMemoryError("malloc of size 4320000 failed")
+
+    monkeypatch.setattr(engine, "_matches", failing_matches)
+    with pytest.raises(engine.ResourcesExceeded, match="ran out of memory"):
+        tiny("SELECT COUNT(*) AS k FROM (SELECT _id FROM commons.c WHERE SEARCH(CONTAINS(n, 'x'))) t")
 
 
 async def test_a_replaced_snapshot_and_its_cached_table_are_freed(tmp_path):
