@@ -90,7 +90,7 @@ def check_built_sizes(tree: exp.Expression) -> None:
             _check_quadratic(name, arguments, sizes)
         elif name in _PERCENTILES:
             _check_percentile(name, arguments)
-        _check_pattern(node, sizes)
+        _check_pattern(node, name, arguments, sizes)
         if isinstance(node, exp.Window) and isinstance(node.this, _VALUE_AGGREGATES):
             raise QueryError("array_agg and string_agg are aggregates, not window functions here: over a window "
                              "each row gets a value that grows with the window (use GROUP BY)")
@@ -159,9 +159,10 @@ _QUADRATIC = {"levenshtein", "array_has_all", "array_has_any"}
 _PERCENTILES = {"approx_percentile_cont": 2, "approx_percentile_cont_with_weight": 3}  # the centroids' argument
 # Aggregates whose value grows with their input; over a window, each row gets one.
 _VALUE_AGGREGATES = (exp.ArrayAgg, exp.GroupConcat)
-# Calls whose pattern (the argument) is compiled, for each row when it reads a field.
-_PATTERNS = (exp.Like, exp.ILike, exp.SimilarTo, exp.RegexpLike, exp.RegexpILike)
-_PATTERN_FUNCTIONS = {"regexp_like": 1, "regexp_match": 1, "regexp_count": 1, "regexp_replace": 1, "regexp_instr": 1}
+# Calls whose pattern (their `expression`; the second argument of the others) is compiled,
+# for each row when it reads a field.
+_PATTERNS = (exp.Like, exp.ILike, exp.SimilarTo, exp.RegexpLike, exp.RegexpILike, exp.RegexpCount, exp.RegexpReplace)
+_PATTERN_FUNCTIONS = {"regexp_like", "regexp_match", "regexp_count", "regexp_replace", "regexp_instr"}
 # Values of a bounded size whatever their arguments (hashes, hex, uuid).
 _FIXED_SIZE_VALUES = (exp.MD5, exp.SHA, exp.SHA2, exp.Hex, exp.Uuid)
 _FIXED_SIZE_FUNCTIONS = {"md5", "sha224", "sha256", "sha384", "sha512", "digest", "to_hex", "uuid"}
@@ -342,14 +343,13 @@ def _check_percentile(name: str, arguments: list[exp.Expression]) -> None:
                              f"{MAX_PERCENTILE_CENTROIDS:,}")
 
 
-def _check_pattern(node: exp.Expression, sizes: dict[int, int]) -> None:
+def _check_pattern(node: exp.Expression, name: str, arguments: list[exp.Expression], sizes: dict[int, int]) -> None:
     """A regex or LIKE pattern computed from a field is compiled for every row: at most
     MAX_PATTERN_PER_ROW characters of constants besides the field's."""
-    name, arguments = _builder_call(node)
     if isinstance(node, _PATTERNS):
         pattern = node.expression
-    elif isinstance(node, exp.RegexpCount) or name in _PATTERN_FUNCTIONS:
-        pattern = node.expression if isinstance(node, exp.RegexpCount) else arguments[1] if len(arguments) > 1 else None
+    elif name in _PATTERN_FUNCTIONS and len(arguments) > 1:
+        pattern = arguments[1]
     else:
         return
     if pattern is not None and _reads_a_field(pattern) and sizes.get(id(pattern), 0) > MAX_PATTERN_PER_ROW:
