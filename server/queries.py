@@ -223,10 +223,7 @@ async def run_sql(app: web.Application, query: str, parameters: list[dict[str, A
         )
         # Rendered here, not on the event loop, which other requests are waiting for.
         shown = result.table if options.first_page is None else result.table.slice(0, options.first_page)
-        try:
-            return prepared, result, rows_of(shown)
-        except (OverflowError, ValueError) as error:  # a date past year 9999, a bad zone (pyarrow's errors too)
-            raise planner.QueryError(f"the answer holds a value JSON cannot show: {error}") from None
+        return prepared, result, _rendered(shown)
 
     try:
         prepared, result, rows = await runner.run(plan_and_run, liveness)
@@ -256,6 +253,14 @@ async def run_sql(app: web.Application, query: str, parameters: list[dict[str, A
         "warnings": [],
         "query_errors": [],
     }
+
+
+def _rendered(table: pa.Table) -> list[dict[str, Any]]:
+    """`rows_of`, with a value JSON cannot show (a date past year 9999, an unknown zone) as a 400."""
+    try:
+        return rows_of(table)
+    except (OverflowError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ApiError(400, "QUERY_ERROR", f"the answer holds a value JSON cannot show: {error}") from None
 
 
 def rows_of(table: pa.Table) -> list[dict[str, Any]]:
@@ -313,9 +318,21 @@ def _is_iso_timestamp(arrow_type: pa.DataType) -> bool:
     return pa.types.is_timestamp(arrow_type) and arrow_type.unit != "ns" and arrow_type.tz in (None, "UTC")
 
 
+# Python's datetimes (what orjson writes) span years 1 to 9999: in seconds from the epoch.
+_FIRST_SECOND, _END_SECOND = -62135596800, 253402300800
+_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000}
+
+
 def _iso_texts(array: pa.TimestampArray) -> pa.StringArray:
     """orjson's text of each datetime: `YYYY-MM-DDTHH:MM:SS`, then `.ffffff` unless the
-    microseconds are 0, then `+00:00` if the timestamp is in UTC."""
+    microseconds are 0, then `+00:00` if the timestamp is in UTC. Beyond year 9999 an
+    OverflowError, as pyarrow's own conversion (strftime would write garbage)."""
+    per_second = _PER_SECOND[array.type.unit]
+    bounds = pc.min_max(array.cast(pa.int64()))
+    if bounds["min"].is_valid and not (
+        _FIRST_SECOND * per_second <= bounds["min"].as_py() and bounds["max"].as_py() < _END_SECOND * per_second
+    ):
+        raise OverflowError("a timestamp outside the years 1 to 9999")
     seconds = pc.floor_temporal(array, unit="second").cast(pa.timestamp("s", array.type.tz))
     text = pc.strftime(seconds, format="%Y-%m-%dT%H:%M:%S")
     micros = pc.add(pc.multiply(pc.millisecond(array), 1000), pc.microsecond(array))
@@ -359,7 +376,7 @@ async def get_page(request: web.Request) -> web.Response:
         raise invalid("docs must be a positive integer")
     count = min(docs, MAX_ROW_LIMIT)
     table, total = request.app[RESULT_PAGES].page(request.match_info["query_id"], cursor, count)
-    rows = await asyncio.to_thread(rows_of, table)  # off the event loop, as `run_sql` renders
+    rows = await asyncio.to_thread(_rendered, table)  # off the event loop, as `run_sql` renders
     return respond({"results": rows, "pagination": _pagination(cursor, count, total)})
 
 

@@ -159,7 +159,8 @@ async def test_time_parameters_answer_as_iso_text_with_their_types(numbers):
 
 
 @pytest.mark.parametrize("sql", ["SELECT to_date(2147483647) AS d", "SELECT to_timestamp(1e300) AS t",
-                                 "SELECT arrow_cast(1, 'Timestamp(Second, Some(\"+99:99\"))') AS t"])
+                                 "SELECT arrow_cast(1, 'Timestamp(Second, Some(\"+99:99\"))') AS t",
+                                 "SELECT arrow_cast(9223372036854775807, 'Timestamp(Second, None)') AS t"])
 async def test_values_json_cannot_show_are_400(numbers, sql):
     """Dates beyond Python's year 9999 and unknown time zones: a query error, not a 500."""
     status, body = await numbers.api("POST", "/v1/orgs/self/queries", {"sql": {"query": sql}})
@@ -182,3 +183,13 @@ def test_the_lambda_store_refuses_to_outgrow_its_limit(tmp_path, monkeypatch):
     with pytest.raises(ApiError, match="MiB in all"):
         store.add("commons", "other", {**body, "name": "other"}, create=True)
     assert [summary["name"] for summary in store.summaries()] == ["l"]
+
+
+async def test_a_page_json_cannot_show_is_400(numbers):
+    """The first page renders; the next holds a timestamp past year 9999."""
+    status, first = await numbers.api("POST", "/v1/orgs/self/queries", {"sql": {
+        "query": "SELECT arrow_cast(CASE WHEN value = 0 THEN 0 ELSE 9223372036854775807 END, 'Timestamp(Second, None)') AS t "
+                 "FROM range(2) ORDER BY value", "paginate": True, "initial_paginate_response_doc_count": 1}})
+    assert status == 200 and first["results"] == [{"t": "1970-01-01T00:00:00"}], first
+    status, body = await numbers.api("GET", f"/v1/orgs/self/queries/{first['query_id']}/pages/1")
+    assert status == 400 and body["type"] == "QUERY_ERROR" and "years 1 to 9999" in body["message"], body
