@@ -17,9 +17,8 @@ The view costs ~1 ms per million rows scanned (a call returns a slice of one sha
 batches of 8,192 rows made it ~5 times that, batches of 262,144 were no cheaper. What the
 check cannot reach, the planner bounds before any work: the query's size and nesting
 (DataFusion's planning cannot be interrupted) and the values that functions such as
-`repeat`, `replace` or `range` build whole (`MAX_BUILT_SIZE`, `MAX_BUILT_TOTAL`; the memory
-pool does not see them), the constants copied into every row of a batch
-(`MAX_BUILT_SIZE_PER_ROW`) and levenshtein's length × length steps.
+`repeat`, `replace` or `range` build whole within one batch (`sql/sizes.py`; the memory
+pool does not see them).
 A query gets its own memory pool (`memory_bytes`, no spilling to disk): hash tables,
 sorts and aggregates beyond it fail with `ResourcesExceeded`, the server lives on. The
 answer is capped at `row_limit` rows and `max_result_bytes`. Each query runs on one

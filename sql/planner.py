@@ -43,7 +43,7 @@ DEFAULT_WORKSPACE = "commons"
 SEARCH_SCHEMA = "_search"
 
 
-def _rockset_function(name: str) -> Callable[[list], exp.Expression]:
+def _plain_call(name: str) -> Callable[[list], exp.Expression]:
     return lambda args: exp.Anonymous(this=name, expressions=args)
 
 
@@ -54,7 +54,7 @@ class _Dialect(Postgres):
     sqlglot would rewrite into PostgreSQL's (`YYYY-MM-%D`) when it writes a query back."""
 
     class Parser(Postgres.Parser):
-        FUNCTIONS = {**Postgres.Parser.FUNCTIONS, **{n: _rockset_function(n) for n in (
+        FUNCTIONS = {**Postgres.Parser.FUNCTIONS, **{n: _plain_call(n) for n in (
             "SEARCH", "CONTAINS", "PHRASE", "TO_CHAR", "TO_DATE", "TO_TIMESTAMP")}}
 
         def _parse_unnest(self, with_alias: bool = True) -> exp.Unnest | None:

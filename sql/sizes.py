@@ -313,24 +313,23 @@ def _shortest_match(pattern: str | None) -> int:
 
 
 def _check_quadratic(name: str, arguments: list[exp.Expression], sizes: dict[int, int]) -> None:
-    """Steps of length × length within MAX_QUADRATIC_STEPS: over constants per call; for
-    levenshtein over a field's values per batch, with each field's length bounded by `left(f,
-    n)`. An array from a field is the data's own size, and a constant beside it is bounded
+    """Steps of length × length within MAX_QUADRATIC_STEPS: over constants per call, over a
+    field's values per batch. A levenshtein of a field needs its length bounded by `left(f,
+    n)`; an array from a field is the data's own size, and a constant beside it is bounded
     per row."""
-    if name != "levenshtein":
-        if not any(_reads_a_field(argument) for argument in arguments[:2]):
-            steps = math.prod(max(1, sizes.get(id(argument), 0)) for argument in arguments[:2])
-            if steps > MAX_QUADRATIC_STEPS:
-                raise QueryError(f"{name}(...) would take {steps:,} steps, more than {MAX_QUADRATIC_STEPS:,}")
-        return
-    lengths = [_bounded_length(argument, sizes) for argument in arguments[:2]]
-    if None in lengths:
-        raise QueryError("levenshtein(...) of a field's values takes a bounded part of it, e.g. "
-                         "levenshtein(left(name, 100), 'jon'): each call runs length × length steps")
     per_batch = any(_reads_a_field(argument) for argument in arguments[:2])
-    steps = lengths[0] * lengths[1] * (BATCH_ROWS if per_batch else 1)
+    if name == "levenshtein":
+        lengths = [_bounded_length(argument, sizes) for argument in arguments[:2]]
+        if None in lengths:
+            raise QueryError("levenshtein(...) of a field's values takes a bounded part of it, e.g. "
+                             "levenshtein(left(name, 100), 'jon'): each call runs length × length steps")
+    elif per_batch:
+        return
+    else:
+        lengths = [max(1, sizes.get(id(argument), 0)) for argument in arguments[:2]]
+    steps = math.prod(lengths) * (BATCH_ROWS if per_batch else 1)
     if steps > MAX_QUADRATIC_STEPS:
-        raise QueryError(f"levenshtein(...) would take {steps:,} steps{' per batch of rows' if per_batch else ''}, "
+        raise QueryError(f"{name}(...) would take {steps:,} steps{' per batch of rows' if per_batch else ''}, "
                          f"more than {MAX_QUADRATIC_STEPS:,}")
 
 
